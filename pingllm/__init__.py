@@ -1,0 +1,1 @@
+"""pingllm: a JAX trainer for network latency models."""

@@ -1,0 +1,1 @@
+"""Measurements in, token batches out: schema, tokens, sources and the pipeline."""

@@ -1,0 +1,33 @@
+"""Test setup: 8 CPU devices, CPU-only JAX, shared fixtures."""
+
+import os
+import sys
+from pathlib import Path
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    path = SHARED / "fixtures" / "ripe_atlas"
+    if not path.exists():
+        pytest.fail(f"shared fixtures missing at {path}")
+    return path
