@@ -8,12 +8,16 @@ trainer ever reads gin.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 import tokenize
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+import gin.config as gin_config
 
 import gin
-import gin.config as gin_config
 
 
 class ConfigError(ValueError):
@@ -31,9 +35,6 @@ class RunConfig:
     eval_interval: int = 1_000  # <= 0 disables periodic eval
     eval_steps: int = 10
     seed: int = 0
-    # Wall-clock limit (Modal-style timeouts): save and exit 75 this many seconds
-    # after start. 0 disables.
-    time_limit_seconds: float = 0.0
     # Host<->device transfer guard inside the loop ("disallow" catches accidental copies).
     transfer_guard: str = "disallow"
     compilation_cache_dir: str = ""
@@ -63,11 +64,12 @@ class Config:
     mesh: Any
     data: Any
     checkpoint: Any
+    stop: Any
 
 
 def _config_classes() -> dict[str, type]:
     """The dataclasses a gin file may bind, by the name gin knows them by."""
-    from pingllm import checkpointing, model, optimizer, partitioning
+    from pingllm import checkpointing, model, optimizer, partitioning, preemption
     from pingllm.data import pipeline
 
     return {
@@ -77,6 +79,7 @@ def _config_classes() -> dict[str, type]:
         "MeshConfig": partitioning.MeshConfig,
         "DataConfig": pipeline.DataConfig,
         "CheckpointConfig": checkpointing.CheckpointConfig,
+        "StopConfig": preemption.StopConfig,
     }
 
 
@@ -87,9 +90,18 @@ _FIELDS = {
     "MeshConfig": "mesh",
     "DataConfig": "data",
     "CheckpointConfig": "checkpoint",
+    "StopConfig": "stop",
 }
 
 _registered: dict[str, Any] = {}
+
+
+def _quiet_gin_resource_reader(record: logging.LogRecord) -> bool:
+    """gin's package-resource probe logs an ERROR for every plain-path include it then finds."""
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+
+
+logging.getLogger().addFilter(_quiet_gin_resource_reader)
 
 
 def _register() -> dict[str, Any]:
@@ -109,7 +121,7 @@ def _parse_one(parse, what: str, source: str) -> None:
         raise ConfigError(f"{source}: gin syntax error at line {e.lineno}: {e.msg}") from e
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(f"{source}: {str(e).strip() or type(e).__name__}") from e
-    except IOError as e:
+    except OSError as e:
         raise ConfigError(f"{what} {source!r} cannot be read: {e}") from e
 
 
@@ -152,9 +164,9 @@ def load(
     if not gin_files:
         raise ConfigError("no --gin_file given")
     for path in gin_files:
-        _parse_one(lambda: gin.parse_config_file(path), "gin file", path)
+        _parse_one(functools.partial(gin.parse_config_file, path), "gin file", path)
     for binding in gin_bindings:
-        _parse_one(lambda: gin.parse_config(binding), "binding", f"--gin_bindings={binding!r}")
+        _parse_one(functools.partial(gin.parse_config, binding), "binding", f"--gin_bindings={binding!r}")
     missing = _undefined_macros()
     if missing:
         raise ConfigError("undefined gin macro: " + "; ".join(missing))
@@ -168,7 +180,19 @@ def load(
             raise ConfigError(f"{name}: {e}") from e
         _check_required(name, obj)
         built[_FIELDS[name]] = obj
-    return Config(**built)
+    cfg = Config(**built)
+    _check_consistent(cfg)
+    return cfg
+
+
+def _check_consistent(cfg: Config) -> None:
+    """Values two parts must agree on (the dataset is chunked for one window length)."""
+    if cfg.data.max_target_length != cfg.model.max_target_length:
+        raise ConfigError(
+            f"DataConfig.max_target_length ({cfg.data.max_target_length}) != "
+            f"ModelConfig.max_target_length ({cfg.model.max_target_length}); bind both to "
+            "%MAX_TARGET_LENGTH"
+        )
 
 
 def config_str() -> str:

@@ -7,6 +7,8 @@ import os
 import jax
 from absl import logging
 
+from pingllm import preemption
+
 
 def _on_multihost_tpu_vm() -> bool:
     """Cloud TPU VM slices with more than one worker list their hosts in the environment."""
@@ -30,6 +32,8 @@ def initialize(
             raise ValueError(
                 "--coordinator_address, --num_processes and --process_id must be given together"
             )
+        # JAX's preemption service would swallow SIGTERM; preemption.StopSignal owns it.
+        preemption.disable_jax_preemption_service()
         if platforms in ("", "cpu"):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
@@ -38,6 +42,7 @@ def initialize(
             process_id=process_id,
         )
     elif _on_multihost_tpu_vm():
+        preemption.disable_jax_preemption_service()
         jax.distributed.initialize()
     logging.info(
         "process %d of %d, %d local / %d global devices (%s)",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from absl import logging
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 from clu import metric_writers
 
 # Dense bf16 peak FLOP/s per device by `device_kind` prefix (vendor figures).

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from pingllm import checkpointing, config as config_lib, metrics as metrics_lib
-from pingllm import model as model_lib, optimizer as optimizer_lib, partitioning, preemption
-from pingllm import step as step_lib, train_state as state_lib
+from pingllm import checkpointing, partitioning, preemption
+from pingllm import config as config_lib
+from pingllm import metrics as metrics_lib
+from pingllm import model as model_lib
+from pingllm import optimizer as optimizer_lib
+from pingllm import step as step_lib
+from pingllm import train_state as state_lib
 from pingllm.data import pipeline
 
 EXIT_DONE = 0
@@ -24,16 +30,15 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped early; rerun the same comman
 
 @dataclasses.dataclass
 class Setup:
-    """What the loop runs with, built once at start-up."""
+    """What the loop runs with, built once at start-up (no device memory yet)."""
 
     mesh: Any
     rules: Any
-    model: Any
+    optimizer: Any
     abstract_state: Any
     state_shardings: Any
     train_step: Callable
     eval_step: Callable
-    schedule: Callable
 
 
 def _write_config(run_dir: epath.Path) -> None:
@@ -50,37 +55,40 @@ def _enable_compilation_cache(path: str) -> None:
 
 
 def build(cfg: config_lib.Config) -> Setup:
-    """Mesh, model, abstract sharded state and the jitted steps; no device memory yet."""
+    """Mesh, abstract sharded state and the jitted steps."""
     mesh = partitioning.make_mesh(cfg.mesh)
     rules = cfg.mesh.logical_axis_rules
-    model = model_lib.Transformer(cfg.model)
     tx, schedule = optimizer_lib.make_optimizer(cfg.optimizer)
     abstract_state, shardings = state_lib.abstract_train_state(
         cfg.model, tx, mesh, rules, seed=cfg.run.seed
     )
-    train_step = step_lib.make_train_step(cfg.model, tx, schedule, shardings, mesh, rules, seed=cfg.run.seed)
-    eval_step = step_lib.make_eval_step(cfg.model, shardings, mesh, rules)
-    return Setup(mesh, rules, model, abstract_state, shardings, train_step, eval_step, schedule)
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+    train_step = step_lib.make_train_step(
+        cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules
+    )
+    eval_step = step_lib.make_eval_step(cfg.model, shardings.params, batch_sharding, mesh, rules)
+    return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step)
 
 
-def _global_batch(setup: Setup, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(setup: Setup, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return partitioning.make_global_batch(local_batch, setup.mesh, setup.rules)
 
 
-def evaluate(setup: Setup, params, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, float]:
+def evaluate(setup: Setup, params, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
     """Token-weighted means over the eval batches (eval_step returns sums)."""
     totals: dict[str, float] = {}
     for local_batch in batches:
-        sums = jax.device_get(setup.eval_step(params, _global_batch(setup, local_batch)))
+        sums = jax.device_get(setup.eval_step(params, global_batch(setup, local_batch)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    return step_lib.finalize_eval(totals)
+    return {k: float(v) for k, v in step_lib.means_from_sums(totals).items()}
 
 
 class _Window:
     """Train metrics of the steps since the last log line, fetched lazily."""
 
-    def __init__(self):
+    def __init__(self, step: int):
+        self.first_step = step
         self.metrics: list[dict[str, jax.Array]] = []
         self.start = time.perf_counter()
 
@@ -95,13 +103,15 @@ def train(cfg: config_lib.Config) -> int:
     run_dir = epath.Path(cfg.run.run_dir)
     _write_config(run_dir)
     _enable_compilation_cache(cfg.run.compilation_cache_dir)
-    stop = preemption.StopSignal(time_limit_seconds=cfg.run.time_limit_seconds)
+    stop_cfg = cfg.stop
+    if jax.process_count() == 1:  # no collective to amortise: look at the flag every step
+        stop_cfg = dataclasses.replace(stop_cfg, check_every_steps=1)
     writer = metrics_lib.Writer(str(run_dir))
-    try:
-        return _train(cfg, run_dir, stop, writer, started)
-    finally:
-        writer.close()
-        stop.uninstall()
+    with preemption.StopSignal(stop_cfg) as stop:
+        try:
+            return _train(cfg, run_dir, stop, writer, started)
+        finally:
+            writer.close()
 
 
 def _train(cfg, run_dir, stop, writer, started) -> int:
@@ -112,7 +122,8 @@ def _train(cfg, run_dir, stop, writer, started) -> int:
     t = time.perf_counter()
     if jax.process_index() == 0:
         pipeline.prepare(cfg.data)
-    multihost_utils.sync_global_devices("pingllm:data_prepared")
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("pingllm:data_prepared")
     data_prepare_s = time.perf_counter() - t
 
     checkpointer = checkpointing.Checkpointer(cfg.checkpoint, str(run_dir))
@@ -122,21 +133,50 @@ def _train(cfg, run_dir, stop, writer, started) -> int:
         checkpointer.close()
 
 
+def _state_from_params(setup: Setup, params) -> state_lib.TrainState:
+    """Step 0 with a fresh optimizer around given parameters (LOAD_PARAMETERS_PATH)."""
+    init = lambda p: state_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.optimizer.init(p)
+    )
+    return jax.jit(init, out_shardings=setup.state_shardings)(params)
+
+
 def _initial_state(cfg, setup, checkpointer, iterator):
     """Restores the newest complete checkpoint onto this mesh, else initialises sharded."""
-    t = time.perf_counter()
     restored = checkpointer.restore(setup.abstract_state, iterator)
-    restore_s = time.perf_counter() - t
     if restored.state is not None:
-        state = restored.state
-        logging.info("restored step %d from %s in %.2fs", int(restored.step), restored.source, restore_s)
-    else:
-        state = state_lib.init_train_state(
-            cfg.model, setup.abstract_state, setup.state_shardings, setup.mesh, setup.rules,
-            seed=cfg.run.seed, params=restored.params,
-        )
-        logging.info("initialised a fresh train state (%s)", restored.source or "no checkpoint")
-    return state, restored, restore_s
+        logging.info("restored step %d from the %s tier", int(restored.step), restored.source)
+        return restored.state, restored
+    if restored.params is not None:
+        logging.info("starting from parameters of %s", cfg.checkpoint.load_parameters_path)
+        return _state_from_params(setup, restored.params), restored
+    logging.info("no checkpoint: initialising a fresh, sharded train state")
+    state = state_lib.init_train_state(
+        cfg.model, setup.optimizer, setup.mesh, setup.rules, seed=cfg.run.seed
+    )
+    return state, restored
+
+
+def _progress_file(cfg) -> epath.Path:
+    return epath.Path(cfg.run.run_dir) / "progress.json"
+
+
+def _record_progress(cfg, step: int) -> None:
+    """The last step known reached, so a restart can report the steps it lost."""
+    if jax.process_index() == 0:
+        path = _progress_file(cfg)
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text(json.dumps({"step": int(step), "time": time.time()}))
+        tmp.replace(path)
+
+
+def _steps_lost(cfg, restored_step: int) -> int:
+    path = _progress_file(cfg)
+    try:
+        reached = int(json.loads(path.read_text())["step"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+    return max(0, reached - restored_step)
 
 
 def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> int:
@@ -144,10 +184,13 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
     iterator = pipeline.train_iterator(
         cfg.data, process_index=process_index, process_count=process_count, start_step=0
     )
-    state, restored, restore_s = _initial_state(cfg, setup, checkpointer, iterator)
+    t = time.perf_counter()
+    state, restored = _initial_state(cfg, setup, checkpointer, iterator)
     step = int(jax.device_get(state.step))
-    if restored.state is not None and not restored.iter_restored:
-        # Another process layout wrote it: the data is a pure function of the step.
+    restore_s = time.perf_counter() - t
+    if restored.state is None or not restored.iter_restored:
+        # Fresh start, parameters only, or another process layout wrote it: the data is a pure
+        # function of the step, so derive the position.
         iterator = pipeline.train_iterator(
             cfg.data, process_index=process_index, process_count=process_count, start_step=step
         )
@@ -156,89 +199,103 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
         logging.info("run %s already complete at step %d (STEPS=%d); nothing to do",
                      cfg.run.run_name, step, total)
         return EXIT_DONE
+    steps_lost = _steps_lost(cfg, step)
 
     t = time.perf_counter()
-    batch = _global_batch(setup, next(iterator))
+    batch = global_batch(setup, next(iterator))
     first_batch_s = time.perf_counter() - t
+    dropout_key = jax.device_put(
+        jax.random.key(cfg.run.seed + 1), partitioning.replicated(setup.mesh)
+    )
     t = time.perf_counter()
-    train_step = setup.train_step.lower(state, batch).compile()
+    train_step = setup.train_step.lower(state, batch, dropout_key).compile()
     compile_s = time.perf_counter() - t
 
     tokens_per_step = cfg.data.global_batch_size * cfg.model.max_target_length
     flops_per_step = model_lib.flops_per_token(cfg.model) * tokens_per_step
     peak = metrics_lib.peak_flops_per_device(cfg.run.peak_flops_per_device) * jax.device_count()
-    guard = cfg.run.transfer_guard
-    window, last_log_step = _Window(), step
-    first_step_logged = False
+    window = _Window(step)
+    first = True
+    reason = None
 
     while True:
-        with jax.transfer_guard(guard):
-            state, step_metrics = train_step(state, batch)
+        with jax.transfer_guard(cfg.run.transfer_guard):
+            state, step_metrics = train_step(state, batch, dropout_key)
         step += 1
         window.metrics.append(step_metrics)
 
-        if not first_step_logged:
+        if first:
+            first = False
             jax.block_until_ready(state)
-            first_step_logged = True
             ttfs = time.time() - started
             logging.info(
-                "time to first step %.2fs (data prepare %.2fs, restore %.2fs, first batch %.2fs, compile %.2fs)",
-                ttfs, data_prepare_s, restore_s, first_batch_s, compile_s,
+                "time to first step %.2fs (data %.2fs, restore %.2fs, first batch %.2fs, "
+                "compile %.2fs); steps lost since the last save: %d",
+                ttfs, data_prepare_s, restore_s, first_batch_s, compile_s, steps_lost,
             )
             writer.scalars(step, {
                 "startup/time_to_first_step_s": ttfs, "startup/restore_s": restore_s,
                 "startup/compile_s": compile_s, "startup/first_batch_s": first_batch_s,
                 "startup/data_prepare_s": data_prepare_s,
-                "startup/steps_lost_since_last_save": restored.steps_lost,
+                "startup/steps_lost_since_last_save": steps_lost,
             })
-            if jax.process_index() == 0:
+            if process_index == 0:
                 operative = config_lib.operative_config_str()
                 (epath.Path(cfg.run.run_dir) / "operative_config.gin").write_text(operative)
                 writer.texts(step, {"config/operative": f"```\n{operative}\n```"})
-            window = _Window()
-            last_log_step = step
+            window = _Window(step)
 
         done = step >= total
-        reason = None if done else stop.should_stop(step)
+        if not done:
+            reason = stop.should_stop(step)
         if done or reason:
             break
 
-        # Dispatch the next step before fetching this one's metrics: the device never waits on the host.
-        batch = _global_batch(setup, next(iterator))
+        # Fetch the next batch while the device runs this step.
+        batch = global_batch(setup, next(iterator))
 
-        if step % cfg.run.log_period == 0 and window.metrics:
-            _log_window(writer, window, step, last_log_step, total, tokens_per_step, flops_per_step, peak)
-            window, last_log_step = _Window(), step
+        if step % cfg.run.log_period == 0:
+            _log_window(writer, window, step, total, tokens_per_step, flops_per_step, peak)
+            _record_progress(cfg, step)
+            window = _Window(step)
         if cfg.run.eval_interval > 0 and step % cfg.run.eval_interval == 0:
             _run_eval(cfg, setup, state, writer, step)
-        saved = checkpointer.maybe_save(step, state, iterator)
-        if saved:
-            writer.scalars(step, checkpointer.last_save_metrics())
+        checkpointer.maybe_save(step, state, iterator)
+        _write_save_metrics(writer, checkpointer)
 
     if window.metrics:
-        _log_window(writer, window, step, last_log_step, total, tokens_per_step, flops_per_step, peak)
+        _log_window(writer, window, step, total, tokens_per_step, flops_per_step, peak)
+    _record_progress(cfg, step)
     if done and cfg.run.eval_interval > 0 and step % cfg.run.eval_interval != 0:
         _run_eval(cfg, setup, state, writer, step)
-    if done:
-        saved = checkpointer.save_on_completion(step, state, iterator)
-    else:
+    if reason:
         logging.warning("stopping at step %d: %s; saving a checkpoint", step, reason)
-        saved = checkpointer.maybe_save(step, state, iterator, force=True)
+    force = bool(reason) or cfg.checkpoint.save_checkpoint_on_completion
+    checkpointer.maybe_save(step, state, iterator, force=force)
     checkpointer.wait()
-    if saved:
-        writer.scalars(step, checkpointer.last_save_metrics())
+    _write_save_metrics(writer, checkpointer)
     writer.flush()
     if done:
         logging.info("run %s complete at step %d", cfg.run.run_name, step)
         return EXIT_DONE
-    logging.warning("saved step %d; exiting %d so the same command resumes", step, EXIT_STOPPED)
+    logging.warning("saved step %d; exit %d: run the same command to resume", step, EXIT_STOPPED)
     return EXIT_STOPPED
 
 
-def _log_window(writer, window, step, last_log_step, total, tokens_per_step, flops_per_step, peak):
+def _write_save_metrics(writer, checkpointer) -> None:
+    for m in checkpointer.pop_save_metrics():
+        writer.scalars(m.step, {
+            f"checkpoint/{m.tier}/blocking_s": m.blocking_seconds,
+            f"checkpoint/{m.tier}/write_s": m.write_seconds,
+            f"checkpoint/{m.tier}/bytes": m.bytes_written,
+            f"checkpoint/{m.tier}/gb_per_s": m.gb_per_second,
+        })
+
+
+def _log_window(writer, window, step, total, tokens_per_step, flops_per_step, peak):
     values = window.mean()
     elapsed = time.perf_counter() - window.start
-    steps = step - last_log_step
+    steps = step - window.first_step
     steps_per_sec = steps / elapsed if elapsed > 0 else 0.0
     values.update({
         "perf/steps_per_sec": steps_per_sec,

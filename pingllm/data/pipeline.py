@@ -1,0 +1,337 @@
+"""Records -> token batches with Grain; the global batch of step s is a pure function of s.
+
+Global window position g = s * B + row (B = global_batch_size). Epoch e = g // N (N records);
+the record of g is perm_e[g % N], perm_e a permutation of the records keyed by (seed, e);
+its tokenization is keyed by (seed, window_index=g). So a restart at step s, another process
+count or another Grain worker count all give the same global batch of step s, byte for byte.
+Process p of P builds only rows [p * B / P, (p + 1) * B / P) and reads only their records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from pingllm.data import records, tfds_builder, tokens
+
+SOURCES = ("tfds", "synthetic_memory")
+# Grain datasets need a length; training runs are bounded by this many steps.
+_MAX_STEPS = 1 << 40
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where records come from and how batches are cut from them."""
+
+    # 'tfds': the ripe_atlas_ping ArrayRecord dataset in data_dir (built by prepare());
+    # 'synthetic_memory': records of a small synthetic Internet held in memory (tests).
+    source: str = "tfds"
+    tfds_config: str = "synthetic"  # 'synthetic' | 'manual' (files in manual_dir)
+    data_dir: str = "~/tensorflow_datasets"
+    manual_dir: str = ""
+    synthetic_rows: int = tfds_builder.DEFAULT_SYNTHETIC_ROWS
+    synthetic_seed: int = tfds_builder.DEFAULT_SYNTHETIC_SEED
+    test_fraction: float = records.DEFAULT_TEST_FRACTION
+    max_target_length: int = tfds_builder.DEFAULT_MAX_TARGET_LENGTH
+    global_batch_size: int = 64
+    seed: int = 0  # record order per epoch and tokenization randomness
+    worker_count: int = 0  # Grain worker processes; 0 = in the main process
+    worker_buffer_size: int = 2  # batches each worker prepares ahead
+    read_threads: int = 2  # Grain threads (main process or each worker)
+    prefetch_batches: int = 4
+    eval_split: str = "test"
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"DataConfig.source must be one of {SOURCES}, got {self.source!r}")
+        if self.tfds_config not in ("synthetic", "manual"):
+            raise ValueError(f"DataConfig.tfds_config must be 'synthetic' or 'manual', "
+                             f"got {self.tfds_config!r}")
+        if self.source == "tfds" and self.tfds_config == "manual" and not self.manual_dir:
+            raise ValueError("DataConfig.tfds_config='manual' needs DataConfig.manual_dir")
+        for name in ("global_batch_size", "max_target_length", "read_threads",
+                     "prefetch_batches", "worker_buffer_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DataConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.worker_count < 0:
+            raise ValueError(f"DataConfig.worker_count must be >= 0, got {self.worker_count}")
+
+    @property
+    def builder_config(self) -> tfds_builder.RipeAtlasPingConfig:
+        return tfds_builder.make_config(
+            self.tfds_config, synthetic_rows=self.synthetic_rows,
+            synthetic_seed=self.synthetic_seed, max_target_length=self.max_target_length,
+            test_fraction=self.test_fraction,
+        )
+
+    @property
+    def dataset_name(self) -> str:
+        """Names the records (not the batching): a resumed iterator must see the same ones."""
+        if self.source == "synthetic_memory":
+            return (f"synthetic_memory_rows{self.synthetic_rows}_seed{self.synthetic_seed}"
+                    f"_len{self.max_target_length}_test{self.test_fraction:g}")
+        return f"{tfds_builder.NAME}/{self.builder_config.name}"
+
+
+# ---- record sources ----
+
+
+def prepare(config: DataConfig) -> None:
+    """Builds the tfds dataset if it is missing (idempotent). Call on one process, then barrier."""
+    if config.source == "tfds":
+        tfds_builder.prepare(
+            config.builder_config, data_dir=os.path.expanduser(config.data_dir),
+            manual_dir=os.path.expanduser(config.manual_dir) or None,
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _memory_records(rows: int, seed: int, max_target_length: int, test_fraction: float):
+    from pingllm.data import synthetic
+
+    table = synthetic.SyntheticInternet(seed=seed).generate(rows)
+    split = records.rows_to_split_records(table, max_target_length, test_fraction)
+    return {name: tuple(recs) for name, recs in split.items()}
+
+
+def record_source(config: DataConfig, split: str) -> Sequence[dict[str, np.ndarray]]:
+    """Random access to one split's records (len, [i]); picklable into Grain workers."""
+    if config.source == "synthetic_memory":
+        recs = _memory_records(config.synthetic_rows, config.synthetic_seed,
+                               config.max_target_length, config.test_fraction)[split]
+    else:
+        b = tfds_builder.builder(config.builder_config,
+                                 data_dir=os.path.expanduser(config.data_dir))
+        if not b.is_prepared():
+            raise FileNotFoundError(
+                f"{config.dataset_name} is not built in {b.data_dir}: call pipeline.prepare()")
+        recs = tfds_builder.RecordSource(b, split)
+    if len(recs) == 0:
+        raise ValueError(f"split {split!r} of {config.dataset_name} has no records")
+    return recs
+
+
+# ---- which record each window reads ----
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    """The record order of one epoch: argsort of a splitmix64 hash of (seed, epoch, i).
+
+    Hand-rolled rather than np.random so the order never changes with the NumPy version.
+    """
+    key = tokens._mix64((tokens._mix64(int(seed) & tokens._M64) ^ int(epoch)) & tokens._M64)
+    with np.errstate(over="ignore"):
+        h = np.arange(num_records, dtype=np.uint64) * np.uint64(tokens._GOLDEN) + np.uint64(key)
+    return np.argsort(tokens._mix64_inplace(h), kind="stable")
+
+
+def record_index(seed: int, position: int, num_records: int) -> int:
+    """The record that global window position `position` reads."""
+    epoch, offset = divmod(position, num_records)
+    return int(epoch_permutation(seed, epoch, num_records)[offset])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Process `process_index` of `process_count` takes rows [p*B/P, (p+1)*B/P) of each step."""
+
+    global_batch_size: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in "
+                             f"[0, {self.process_count})")
+        if self.global_batch_size % self.process_count:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not divisible by "
+                             f"process_count {self.process_count}")
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.global_batch_size // self.process_count
+
+    def position(self, step: int, row: int) -> int:
+        """Global window position of local row `row` of step `step`."""
+        return step * self.global_batch_size + self.process_index * self.local_batch_size + row
+
+
+# ---- Grain transforms (plain callables: they pickle into worker processes) ----
+
+
+@dataclasses.dataclass(frozen=True)
+class _Position:
+    layout: Layout
+    start_step: int
+
+    def __call__(self, k: int) -> int:
+        step, row = divmod(int(k), self.layout.local_batch_size)
+        return self.layout.position(self.start_step + step, row)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadRecord:
+    source: Any
+    seed: int
+
+    def __call__(self, position: int) -> tuple[int, dict[str, np.ndarray]]:
+        return position, self.source[record_index(self.seed, position, len(self.source))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokenize:
+    seed: int
+    max_length: int
+
+    def __call__(self, element) -> tokens.TokenizedWindow:
+        position, record = element
+        return tokens.tokenize_window(record, seed=self.seed, window_index=position,
+                                      max_length=self.max_length)
+
+
+def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarray]:
+    """The batch dict of CONTRACTS.md from tokenized windows (rows in order)."""
+    tokens_BxL = np.stack([w.tokens for w in windows]).astype(np.int32)
+    fields_BxL = np.stack([w.fields for w in windows])
+    length_Bx1 = np.array([w.length for w in windows], np.int64)[:, None]
+    position_L = np.arange(tokens_BxL.shape[1])
+    targets = np.zeros_like(tokens_BxL)
+    targets[:, :-1] = tokens_BxL[:, 1:]
+    target_fields = np.zeros(tokens_BxL.shape, np.int32)
+    target_fields[:, :-1] = fields_BxL[:, 1:]
+    return {
+        "inputs": tokens_BxL,
+        "targets": targets,
+        # The target of the last real token is padding (id 0 = MEASUREMENT_START): weight 0.
+        "weights": (position_L < length_Bx1 - 1).astype(np.float32),
+        "segment_ids": (position_L < length_Bx1).astype(np.int32),
+        "fields": target_fields,
+    }
+
+
+def step_dataset(config: DataConfig, source, layout: Layout, start_step: int) -> grain.MapDataset:
+    """Element i = this process's rows of step start_step + i (random access, lazy)."""
+    return (
+        grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size)
+        .map(_Position(layout, start_step))
+        .map(_ReadRecord(source, config.seed))
+        .map(_Tokenize(config.seed, config.max_target_length))
+        .batch(layout.local_batch_size, batch_fn=make_batch)
+    )
+
+
+# ---- the train iterator ----
+
+
+class StepIterator(grain.DatasetIterator):
+    """Batches of consecutive steps for one process; its state is the step.
+
+    A Grain `DatasetIterator`, so `grain.checkpoint.CheckpointSave/Restore` (Orbax item 'iter')
+    save `get_state()` as JSON and call `set_state()` on restore.
+    """
+
+    def __init__(self, config: DataConfig, source, layout: Layout, start_step: int = 0):
+        super().__init__()
+        self._config = config
+        self._source = source
+        self._layout = layout
+        self._step = int(start_step)
+        self._iter = None
+
+    @property
+    def step(self) -> int:
+        """The step whose batch `next()` returns."""
+        return self._step
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    def _ensure_iter(self):
+        if self._iter is None:
+            c = self._config
+            ds = step_dataset(c, self._source, self._layout, self._step).to_iter_dataset(
+                grain.ReadOptions(num_threads=c.read_threads,
+                                  prefetch_buffer_size=c.prefetch_batches)
+            )
+            if c.worker_count > 0:
+                # Grain reads absl flags when it starts workers; outside an absl app (tests,
+                # tools) nothing parsed them and it would raise UnparsedFlagAccessError.
+                if not flags.FLAGS.is_parsed():
+                    flags.FLAGS.mark_as_parsed()
+                ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                    num_workers=c.worker_count, per_worker_buffer_size=c.worker_buffer_size))
+            self._iter = iter(ds)
+        return self._iter
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        batch = next(self._ensure_iter())
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "process_index": self._layout.process_index,
+            "process_count": self._layout.process_count,
+            "global_batch_size": self._layout.global_batch_size,
+            "seed": self._config.seed,
+            "max_target_length": self._config.max_target_length,
+            "dataset": self._config.dataset_name,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continues at state['step']; any process layout works, the data must be the same."""
+        mine = self.get_state()
+        for key in ("global_batch_size", "seed", "max_target_length", "dataset"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"iterator state was saved with {key}={state.get(key)!r}, this run has "
+                    f"{mine[key]!r}: resuming would not reproduce the same batches"
+                )
+        self.for_step(int(state["step"]))
+
+    def for_step(self, step: int) -> StepIterator:
+        """Repositions at `step` (for example after a restart with another process count)."""
+        self.close()
+        self._closed = False
+        self._step = int(step)
+        return self
+
+    def start_prefetch(self) -> None:
+        self._ensure_iter().start_prefetch()
+
+    def close(self) -> None:
+        if self._iter is not None:
+            self._iter.close()
+            self._iter = None
+        super().close()
+
+
+def train_iterator(config: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                   start_step: int = 0) -> StepIterator:
+    layout = Layout(config.global_batch_size, process_index, process_count)
+    return StepIterator(config, record_source(config, "train"), layout, start_step)
+
+
+def eval_batches(config: DataConfig, *, process_index: int = 0, process_count: int = 1,
+                 num_batches: int) -> list[dict[str, np.ndarray]]:
+    """The same `num_batches` batches of the eval split every time (this process's rows)."""
+    layout = Layout(config.global_batch_size, process_index, process_count)
+    ds = step_dataset(config, record_source(config, config.eval_split), layout, 0)
+    return [ds[i] for i in range(num_batches)]
+
+
+def global_batch(config: DataConfig, step: int) -> dict[str, np.ndarray]:
+    """The whole global batch of one step, computed in this process (tools and tests)."""
+    layout = Layout(config.global_batch_size)
+    return step_dataset(config, record_source(config, "train"), layout, step)[0]

@@ -1,0 +1,360 @@
+"""Decoder-only transformer over ping tokens (the MaxText llama2 block), logically partitioned.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) and activations are
+constrained at block boundaries (`nn.with_logical_constraint`); `partitioning.py` maps those
+names onto the mesh. Outside a mesh + rules context the constraints are no-ops.
+"""
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Added to the logits of padded-vocab ids: far below any real logit, yet finite so that
+# softmax/cross-entropy and their gradients stay NaN-free.
+NEG_INF = -1e9
+
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: keep every activation
+    "minimal": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmuls
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep every matmul incl. attention
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+}
+ATTENTION_KINDS = ("dot_product", "cudnn_flash", "auto")
+MLP_ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+
+BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of the transformer; defaults are the latency_network research model."""
+
+    vocab_size: int = 267
+    # Rows of the embedding/output tables are rounded up to this multiple (matmul-friendly).
+    vocab_pad_multiple: int = 128
+    num_layers: int = 20
+    emb_dim: int = 640
+    num_heads: int = 10
+    head_dim: int = 64
+    mlp_dim: int = 2048
+    max_target_length: int = 1024
+    # 'silu' + gated = SwiGLU (llama2); 'gelu' + not gated = the two-matrix GPT-style MLP.
+    mlp_activation: str = "silu"
+    mlp_gated: bool = True
+    dropout_rate: float = 0.1
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"
+    normalization_epsilon: float = 1e-6
+    rope_max_timescale: float = 10_000.0
+    scan_layers: bool = True
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    # 'dot_product': XLA everywhere; 'cudnn_flash': cuDNN fused attention (GPU only);
+    # 'auto': cuDNN when the default backend is GPU, XLA otherwise.
+    attention: str = "auto"
+    # Untied by default: with 267 ids the extra table costs 0.25M params and frees the output
+    # head from the input embedding's geometry.
+    logits_via_embedding: bool = False
+    padded_vocab_size: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {list(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention={self.attention!r}: use one of {list(ATTENTION_KINDS)}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(
+                f"mlp_activation={self.mlp_activation!r}: use one of {list(MLP_ACTIVATIONS)}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.vocab_pad_multiple < 1:
+            raise ValueError(f"vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1")
+        padded = -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+        object.__setattr__(self, "padded_vocab_size", padded)
+
+
+def attention_implementation(config: ModelConfig) -> str:
+    """The `jax.nn.dot_product_attention` implementation this config runs with."""
+    if config.attention == "dot_product":
+        return "xla"
+    if config.attention == "cudnn_flash":
+        return "cudnn"
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
+class Dense(nn.Module):
+    """x @ kernel over the trailing `len(in_axes)` dims, no bias; kernel named by its logical axes.
+
+    Own module rather than nn.DenseGeneral: that one initialises a flattened 2-D kernel and
+    reshapes it, and the boxed flat kernel fails the logical-rank check under the rules context.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]  # logical names of the contracted input dims
+    out_axes: tuple[str, ...]  # logical names of `features`
+    config: ModelConfig
+    output_dtype: str | None = None  # default: the compute dtype
+
+    @nn.compact
+    def __call__(self, x):
+        n_in, n_out = len(self.in_axes), len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal",
+            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)),
+        )
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
+            x.shape[x.ndim - n_in:] + tuple(self.features),
+            jnp.dtype(self.config.param_dtype),
+        )
+        dtype = jnp.dtype(self.config.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        out_dtype = jnp.dtype(self.output_dtype or self.config.dtype)
+        return jax.lax.dot_general(
+            x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
+            preferred_element_type=out_dtype,
+        )
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        scale_D = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+            (x_BxLxD.shape[-1],),
+            jnp.dtype(self.config.param_dtype),
+        )
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.normalization_epsilon)
+        return (x * scale_D.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
+
+
+def apply_rope(x_BxLxNxH, positions_BxL, max_timescale: float):
+    """Rotary position embedding (rotate-half form, as in MaxText), computed in float32."""
+    head_dim = x_BxLxNxH.shape[-1]
+    fraction_H2 = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+    timescale_H2 = max_timescale**fraction_H2
+    angle_BxLx1xH2 = (positions_BxL[:, :, None, None].astype(jnp.float32) / timescale_H2)
+    sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
+    first, second = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(segment_ids_BxL):
+    """Causal AND same-segment mask, Bx1xLxL (True = may attend).
+
+    Padding (segment 0) shares no segment with real tokens, so real tokens never see it; a
+    padding query sees earlier padding and at least itself, so its softmax row is never empty.
+    """
+    length = segment_ids_BxL.shape[1]
+    causal_LxL = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+    same_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return (same_BxLxL & causal_LxL)[:, None, :, :]
+
+
+def attend(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implementation: str):
+    """Causal self-attention that never lets real tokens see padding."""
+    if implementation == "cudnn":
+        return attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, "cudnn")
+    return jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=attention_mask(segment_ids_BxL),
+        implementation=implementation,
+    )
+
+
+def attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implementation: str):
+    """Causal + per-row lengths: cuDNN's native masking (no LxL bias tensor).
+
+    Equal to the segment mask at real positions because the batch contract gives each row one
+    segment of real tokens followed by padding; padding rows come out as zeros.
+    """
+    lengths_B = jnp.sum(segment_ids_BxL != 0, axis=-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True,
+        query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+        implementation=implementation,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+        cfg = self.config
+        dense = functools.partial(
+            Dense, (cfg.num_heads, cfg.head_dim), ("embed",), ("heads", "kv"), cfg
+        )
+        head_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        q_BxLxNxH = nn.with_logical_constraint(dense(name="query")(x_BxLxD), head_axes)
+        k_BxLxNxH = nn.with_logical_constraint(dense(name="key")(x_BxLxD), head_axes)
+        v_BxLxNxH = nn.with_logical_constraint(dense(name="value")(x_BxLxD), head_axes)
+        q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_max_timescale)
+        k_BxLxNxH = apply_rope(k_BxLxNxH, positions_BxL, cfg.rope_max_timescale)
+
+        out_BxLxNxH = attend(
+            q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, attention_implementation(cfg)
+        )
+        out_BxLxNxH = nn.with_logical_constraint(out_BxLxNxH, head_axes)
+        return Dense((cfg.emb_dim,), ("heads", "kv"), ("embed",), cfg, name="out")(out_BxLxNxH)
+
+
+class Mlp(nn.Module):
+    """SwiGLU (gated) or two-matrix feed-forward block."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+        activation = MLP_ACTIVATIONS[cfg.mlp_activation]
+        mlp_axes = ("activation_batch", "activation_length", "activation_mlp")
+        up = functools.partial(Dense, (cfg.mlp_dim,), ("embed",), ("mlp",), cfg)
+        h_BxLxF = activation(up(name="wi_0")(x_BxLxD))
+        if cfg.mlp_gated:
+            h_BxLxF = h_BxLxF * up(name="wi_1")(x_BxLxD)
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, mlp_axes)
+        return Dense((cfg.emb_dim,), ("mlp",), ("embed",), cfg, name="wo")(h_BxLxF)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then + Mlp(RMSNorm(x)); returns (x, None) for scan."""
+
+    config: ModelConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+        cfg = self.config
+        dropout = nn.Dropout(rate=cfg.dropout_rate, deterministic=self.deterministic)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
+        h_BxLxD = RMSNorm(cfg, name="pre_attention_norm")(x_BxLxD)
+        h_BxLxD = Attention(cfg, name="attention")(
+            h_BxLxD, segment_ids_BxL, positions_BxL
+        )
+        x_BxLxD = x_BxLxD + dropout(h_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
+        h_BxLxD = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x_BxLxD))
+        x_BxLxD = x_BxLxD + dropout(h_BxLxD)
+        return nn.with_logical_constraint(x_BxLxD, BLOCK_AXES), None
+
+
+class Transformer(nn.Module):
+    """Token ids (and segment ids) -> float32 logits over the padded vocabulary."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, inputs_BxL, segment_ids_BxL, *, deterministic: bool = True, positions_BxL=None
+    ):
+        cfg = self.config
+        if positions_BxL is None:
+            # Windows hold one segment starting at position 0 (CONTRACTS.md), so positions are
+            # simply the indices; padding positions are never seen by real tokens anyway.
+            positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
+        table_VxD = self.param(
+            "token_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
+            (cfg.padded_vocab_size, cfg.emb_dim),
+            jnp.dtype(cfg.param_dtype),
+        )
+        dtype = jnp.dtype(cfg.dtype)
+        # A one-hot matmul instead of a gather: with the table sharded (vocab over 'tensor',
+        # embed over 'fsdp') XLA partitions a matmul cleanly but fully rematerialises a gather;
+        # at V=384 it costs 2*V*D FLOPs per token, about 0.2% of the model's.
+        one_hot_BxLxV = jax.nn.one_hot(inputs_BxL, cfg.padded_vocab_size, dtype=dtype)
+        x_BxLxD = jnp.einsum("blv,vd->bld", one_hot_BxLxV, table_VxD.astype(dtype))
+        x_BxLxD = nn.Dropout(rate=cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
+
+        block = DecoderBlock
+        policy = REMAT_POLICIES[cfg.remat_policy]
+        if policy is not None:
+            block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxLxD, _ = stack(cfg, deterministic, name="layers")(
+                x_BxLxD, segment_ids_BxL, positions_BxL
+            )
+        else:
+            for i in range(cfg.num_layers):
+                x_BxLxD, _ = block(cfg, deterministic, name=f"layers_{i}")(
+                    x_BxLxD, segment_ids_BxL, positions_BxL
+                )
+
+        x_BxLxD = RMSNorm(cfg, name="final_norm")(x_BxLxD)
+        if cfg.logits_via_embedding:
+            # Tied table: the N(0, 1) embedding init would give logits of scale sqrt(D).
+            logits_BxLxV = jnp.einsum(
+                "bld,vd->blv", x_BxLxD, table_VxD.astype(dtype),
+                preferred_element_type=jnp.float32,
+            )
+            logits_BxLxV = logits_BxLxV / np.sqrt(cfg.emb_dim)
+        else:
+            # float32 out: the loss needs logits finer than bfloat16's 3 significant digits.
+            logits_BxLxV = Dense(
+                (cfg.padded_vocab_size,), ("embed",), ("vocab",), cfg, output_dtype="float32",
+                name="logits",
+            )(x_BxLxD)
+        valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        logits_BxLxV = jnp.where(valid_V, logits_BxLxV, NEG_INF)
+        return nn.with_logical_constraint(
+            logits_BxLxV, ("activation_batch", "activation_length", "activation_vocab")
+        )
+
+
+def dummy_inputs(config: ModelConfig, batch_size: int = 1):
+    """(inputs, segment_ids) of the right shape and dtype, for init and eval_shape."""
+    shape = (batch_size, config.max_target_length)
+    return jnp.zeros(shape, jnp.int32), jnp.ones(shape, jnp.int32)
+
+
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters (padded vocabulary included), from shapes only."""
+    model = Transformer(config)
+    shapes = jax.eval_shape(
+        lambda: model.init({"params": jax.random.key(0)}, *dummy_inputs(config))["params"]
+    )
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+
+
+def matmul_param_count(config: ModelConfig) -> int:
+    """Parameters used in matmuls: all but the input embedding lookup (a gather).
+
+    A tied table is counted once, since it is the output projection's matmul.
+    """
+    lookup = 0 if config.logits_via_embedding else config.padded_vocab_size * config.emb_dim
+    return param_count(config) - lookup
+
+
+def flops_per_token(config: ModelConfig) -> float:
+    """Training FLOPs per token: 6 * N + 12 * L * (heads * head_dim) * seq (PaLM, appendix B).
+
+    N = `matmul_param_count` (the non-embedding parameters, with the output projection over the
+    padded vocabulary, which the hardware does compute); 6 = forward (2) + backward (4) FLOPs per
+    parameter per token. The attention term counts QK^T and AV over the full sequence, as is
+    standard for MFU, even though a causal kernel may skip half of it.
+    """
+    attention = 12 * config.num_layers * config.num_heads * config.head_dim * config.max_target_length
+    return float(6 * matmul_param_count(config) + attention)

@@ -1,0 +1,77 @@
+"""AdamW with global-norm clipping and a warmup + cosine learning-rate schedule."""
+
+import dataclasses
+
+import jax
+import optax
+
+# Parameter names that are never weight-decayed: norm gains and biases (decaying them pulls
+# norms towards zero and shifts activations without regularising anything).
+NO_DECAY_NAMES = ("scale", "bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW hyperparameters; the schedule is in absolute optimizer steps."""
+
+    peak_learning_rate: float = 3e-4
+    warmup_steps: int = 2000
+    decay_end_step: int = 200_000
+    final_lr_fraction: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if self.warmup_steps < 0 or self.decay_end_step < self.warmup_steps:
+            raise ValueError(
+                f"OptimizerConfig: need 0 <= warmup_steps ({self.warmup_steps}) <= "
+                f"decay_end_step ({self.decay_end_step})"
+            )
+        if self.grad_clip_norm < 0:
+            raise ValueError(f"OptimizerConfig: grad_clip_norm={self.grad_clip_norm} must be >= 0")
+
+
+def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+    """lr(step): 0 -> peak linearly over warmup_steps, cosine to final_lr_fraction * peak at
+    decay_end_step, constant after.
+
+    The schedule is a pure function of the step, and optax reads the step from the count in
+    opt_state, so a run restored from a checkpoint continues on exactly the same curve.
+    """
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.peak_learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.decay_end_step,  # optax: total length, warmup included
+        end_value=cfg.final_lr_fraction * cfg.peak_learning_rate,
+    )
+
+
+def decay_mask(params):
+    """True for parameters that get weight decay: every kernel and embedding table."""
+
+    def decays(path, _):
+        # The last dict key is the parameter's name (a boxed leaf adds a '.value' step after it).
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimizerConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(clip -> AdamW(schedule, decoupled weight decay on `decay_mask`), schedule)."""
+    schedule = make_schedule(cfg)
+    adamw = optax.adamw(
+        learning_rate=schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adamw), schedule
+    return adamw, schedule

@@ -1,0 +1,162 @@
+"""Pure train and eval steps (no I/O), and their jitted, sharded forms."""
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from pingllm import partitioning
+from pingllm.data import tokens
+from pingllm.model import ModelConfig, Transformer
+from pingllm.train_state import TrainState
+
+# Per-field loss groups over the field class of each *target* token (FIELD_PAD never carries
+# weight). Addresses pool source and destination: the same bytes, predicted the same way.
+FIELD_GROUPS: dict[str, tuple[int, ...]] = {
+    "address": (tokens.FIELD_SRC, tokens.FIELD_DST),
+    "result": (tokens.FIELD_RESULT,),
+    "time": (tokens.FIELD_TIME,),
+    "start": (tokens.FIELD_START,),
+}
+
+Batch = Mapping[str, jax.Array]
+
+
+def loss_sums(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+    """Weighted cross-entropy sums and token counts, in total and per field group (float32).
+
+    Keys: 'loss_sum', 'tokens', 'loss_sum/<group>', 'tokens/<group>'. Sums, not means, so that
+    eval can add them over batches and divide once.
+    """
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), batch["targets"]
+    )
+    weights_BxL = batch["weights"].astype(jnp.float32)
+    sums = {"loss_sum": jnp.sum(ce_BxL * weights_BxL), "tokens": jnp.sum(weights_BxL)}
+    for name, field_ids in FIELD_GROUPS.items():
+        in_group_BxL = jnp.isin(batch["fields"], jnp.asarray(field_ids)).astype(jnp.float32)
+        group_weights_BxL = weights_BxL * in_group_BxL
+        sums[f"loss_sum/{name}"] = jnp.sum(ce_BxL * group_weights_BxL)
+        sums[f"tokens/{name}"] = jnp.sum(group_weights_BxL)
+    return sums
+
+
+def means_from_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
+    """'loss_sum*' -> 'loss*' weighted means (0 where no tokens); token counts kept as they are."""
+    out = {}
+    for key, value in sums.items():
+        if key.startswith("loss_sum"):
+            count = sums["tokens" + key[len("loss_sum"):]]
+            out["loss" + key[len("loss_sum"):]] = value / jnp.maximum(count, 1.0)
+        else:
+            out[key] = value
+    return out
+
+
+def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None):
+    """(mean loss over weighted tokens, sums); dropout is on iff a dropout key is given."""
+    logits_BxLxV = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["segment_ids"],
+        deterministic=dropout_key is None,
+        rngs=None if dropout_key is None else {"dropout": dropout_key},
+    )
+    sums = loss_sums(logits_BxLxV, batch)
+    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    dropout_key: jax.Array,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step. Metrics: loss, loss/<group>, tokens, tokens/<group>, grad_norm
+    (before clipping) and learning_rate (the rate this step's update used)."""
+    step_key = jax.random.fold_in(dropout_key, state.step)
+    grad_fn = jax.grad(functools.partial(loss_fn, model=model, dropout_key=step_key), has_aux=True)
+    grads, sums = grad_fn(state.params, batch)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = means_from_sums(sums)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
+    """Loss sums and token counts (see `loss_sums`); average over batches with `means_from_sums`."""
+    _, sums = loss_fn(params, batch, model=model)
+    return sums
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshFunction:
+    """A jitted function that traces and runs under its mesh and logical-axis rules."""
+
+    jitted: Callable
+    mesh: Mesh
+    rules: partitioning.Rules
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(tuple(self.rules)):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(tuple(self.rules)):
+            return self.jitted.lower(*args)
+
+
+def make_train_step(
+    model_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    state_shardings: TrainState,
+    batch_sharding: NamedSharding,
+    mesh: Mesh,
+    rules: partitioning.Rules,
+) -> MeshFunction:
+    """(state, batch, dropout_key) -> (state, metrics); the input state's buffers are donated."""
+    fn = functools.partial(
+        _train_step_positional, model=Transformer(model_cfg), optimizer=optimizer, schedule=schedule
+    )
+    replicated = partitioning.replicated(mesh)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return MeshFunction(jitted, mesh, rules)
+
+
+def make_eval_step(
+    model_cfg: ModelConfig,
+    param_shardings: Any,
+    batch_sharding: NamedSharding,
+    mesh: Mesh,
+    rules: partitioning.Rules,
+) -> MeshFunction:
+    """(params, batch) -> loss sums and token counts (replicated scalars)."""
+    jitted = jax.jit(
+        functools.partial(eval_step, model=Transformer(model_cfg)),
+        in_shardings=(param_shardings, batch_sharding),
+        out_shardings=partitioning.replicated(mesh),
+    )
+    return MeshFunction(jitted, mesh, rules)
+
+
+def _train_step_positional(state, batch, dropout_key, *, model, optimizer, schedule):
+    return train_step(
+        state, batch, model=model, optimizer=optimizer, schedule=schedule, dropout_key=dropout_key
+    )

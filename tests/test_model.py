@@ -1,0 +1,214 @@
+"""The transformer: shapes, masking, padded vocabulary, scan/remat, parameter counts."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pingllm import model as model_lib
+from pingllm.model import ModelConfig, Transformer
+
+TINY = ModelConfig(
+    num_layers=2, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64, max_target_length=16,
+    dropout_rate=0.0, dtype="float32",
+)
+B, L = 2, 16
+
+
+def _inputs(seed=0, real_length=12):
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(0, TINY.vocab_size, (B, L)).astype(np.int32)
+    segment_ids = np.zeros((B, L), np.int32)
+    segment_ids[:, :real_length] = 1
+    inputs[:, real_length:] = 0
+    return inputs, segment_ids
+
+
+def _init(cfg=TINY):
+    model = Transformer(cfg)
+    params = model.init({"params": jax.random.key(0)}, *model_lib.dummy_inputs(cfg))["params"]
+    return model, nn.meta.unbox(params)
+
+
+def test_output_shape_dtype_and_padded_vocab():
+    model, params = _init()
+    inputs, segment_ids = _inputs()
+    logits = model.apply({"params": params}, inputs, segment_ids)
+    assert TINY.padded_vocab_size == 384
+    assert logits.shape == (B, L, 384) and logits.dtype == jnp.float32
+    assert np.all(np.asarray(logits[..., 267:]) == model_lib.NEG_INF)
+    assert np.all(np.abs(np.asarray(logits[..., :267])) < 1e3)
+    probs = jax.nn.softmax(logits, axis=-1)
+    assert float(jnp.max(probs[..., 267:])) == 0.0
+    assert np.allclose(np.asarray(jnp.sum(probs[..., :267], -1)), 1.0, atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes():
+    boxed = jax.eval_shape(
+        lambda: Transformer(TINY).init({"params": jax.random.key(0)}, *model_lib.dummy_inputs(TINY))
+    )["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
+    for leaf in leaves:
+        assert len(leaf.names) == leaf.value.ndim
+    assert boxed["layers"]["attention"]["query"]["kernel"].names == ("layers", "embed", "heads", "kv")
+    assert boxed["layers"]["mlp"]["wo"]["kernel"].names == ("layers", "mlp", "embed")
+    assert boxed["token_embedding"].names == ("vocab", "embed")
+    assert boxed["logits"]["kernel"].names == ("embed", "vocab")
+
+
+def test_causal():
+    model, params = _init()
+    inputs, segment_ids = _inputs()
+    base = np.asarray(model.apply({"params": params}, inputs, segment_ids))
+    changed = inputs.copy()
+    changed[:, 5] = (changed[:, 5] + 7) % TINY.vocab_size
+    out = np.asarray(model.apply({"params": params}, changed, segment_ids))
+    np.testing.assert_array_equal(out[:, :5], base[:, :5])
+    assert np.max(np.abs(out[:, 5:12] - base[:, 5:12])) > 1e-3
+
+
+def test_padding_never_attended_and_no_nans():
+    model, params = _init()
+    inputs, segment_ids = _inputs(real_length=9)
+    base = np.asarray(model.apply({"params": params}, inputs, segment_ids))
+    assert np.all(np.isfinite(base))
+    changed = inputs.copy()
+    changed[:, 9:] = np.arange(7) + 100  # different tokens in every padded slot
+    out = np.asarray(model.apply({"params": params}, changed, segment_ids))
+    np.testing.assert_array_equal(out[:, :9], base[:, :9])
+    assert np.all(np.isfinite(out))
+    assert np.max(np.abs(out[:, 9:] - base[:, 9:])) > 1e-3  # padding rows do see their tokens
+
+
+def test_attention_mask_shape_and_values():
+    mask = np.asarray(model_lib.attention_mask(jnp.array([[1, 1, 1, 0]])))
+    expected = np.array(
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=bool
+    )
+    assert mask.shape == (1, 1, 4, 4)
+    np.testing.assert_array_equal(mask[0, 0], expected)
+
+
+def test_length_based_attention_equals_mask_at_real_positions():
+    # The cuDNN path's arguments (causal + lengths), run through XLA here: CPU has no cuDNN.
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 8, 2, 4)), jnp.float32) for _ in range(3))
+    segment_ids = jnp.array([[1] * 5 + [0] * 3, [1] * 8])
+    by_mask = np.asarray(model_lib.attend(q, k, v, segment_ids, "xla"))
+    by_lengths = np.asarray(model_lib.attend_by_lengths(q, k, v, segment_ids, "xla"))
+    np.testing.assert_allclose(by_lengths[0, :5], by_mask[0, :5], atol=1e-6)
+    np.testing.assert_allclose(by_lengths[1], by_mask[1], atol=1e-6)
+    assert np.all(by_lengths[0, 5:] == 0)
+
+
+def test_scan_matches_unrolled():
+    model, params = _init()
+    unrolled_model = Transformer(dataclasses.replace(TINY, scan_layers=False))
+    unrolled = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(TINY.num_layers):
+        unrolled[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    reference = jax.eval_shape(
+        lambda: unrolled_model.init({"params": jax.random.key(0)}, *model_lib.dummy_inputs(TINY))
+    )["params"]
+    assert jax.tree.structure(nn.meta.unbox(reference)) == jax.tree.structure(unrolled)
+    inputs, segment_ids = _inputs()
+    scanned = model.apply({"params": params}, inputs, segment_ids)
+    looped = unrolled_model.apply({"params": unrolled}, inputs, segment_ids)
+    np.testing.assert_allclose(np.asarray(looped), np.asarray(scanned), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_policies_give_the_same_gradients(scan_layers):
+    inputs, segment_ids = _inputs()
+    grads = {}
+    for policy in model_lib.REMAT_POLICIES:
+        cfg = dataclasses.replace(TINY, remat_policy=policy, scan_layers=scan_layers)
+        model, params = _init(cfg)
+
+        def loss(p, model=model):
+            return jnp.mean(model.apply({"params": p}, inputs, segment_ids)[..., :267] ** 2)
+
+        grads[policy] = jax.jit(jax.grad(loss))(params)
+    for policy, g in grads.items():
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(grads["none"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, err_msg=policy)
+
+
+def test_dropout_uses_the_rng():
+    cfg = dataclasses.replace(TINY, dropout_rate=0.5)
+    model, params = _init(cfg)
+    inputs, segment_ids = _inputs()
+    run = lambda key: np.asarray(  # noqa: E731
+        model.apply(
+            {"params": params}, inputs, segment_ids, deterministic=False, rngs={"dropout": key}
+        )
+    )
+    a, b = run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(a, run(jax.random.key(1)))
+    assert np.max(np.abs(a - b)) > 1e-3
+    no_dropout = np.asarray(model.apply({"params": params}, inputs, segment_ids))
+    assert np.max(np.abs(a - no_dropout)) > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    model, params = _init(cfg)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    logits = model.apply({"params": params}, *_inputs())
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(logits)))
+
+
+# The latency_network shape (20 layers x 640, 10 heads of 64, MLP 2048, vocab 267 -> 384 rows).
+# Per layer: attention 4*640*640 = 1,638,400; two RMSNorm gains 1,280; MLP 2*640*2048 =
+# 2,621,440 (two-matrix) or 3*640*2048 = 3,932,160 (gated). Plus final norm 640 and the
+# embedding table 384*640 = 245,760 (x2 when untied).
+PARAM_COUNTS = {
+    # (mlp_gated, logits_via_embedding): total parameters with the vocabulary padded to 384
+    (True, False): 111_928_960,
+    (True, True): 111_683_200,
+    (False, False): 85_714_560,
+    (False, True): 85_468_800,
+}
+
+
+@pytest.mark.parametrize("gated,tied", list(PARAM_COUNTS))
+def test_latency_network_param_counts(gated, tied):
+    cfg = ModelConfig(
+        mlp_gated=gated, mlp_activation="silu" if gated else "gelu", logits_via_embedding=tied
+    )
+    mlp = (3 if gated else 2) * 640 * 2048
+    table = 384 * 640
+    expected = 20 * (4 * 640 * 640 + mlp + 2 * 640) + 640 + table * (1 if tied else 2)
+    count = model_lib.param_count(cfg)
+    print(f"latency_network gated={gated} tied={tied}: {count:,} parameters")
+    assert count == expected == PARAM_COUNTS[(gated, tied)]
+    # Without padding the vocabulary, each table would have 267 rows instead of 384.
+    unpadded = count - (384 - 267) * 640 * (1 if tied else 2)
+    unpadded_cfg = ModelConfig(
+        mlp_gated=gated, mlp_activation="silu" if gated else "gelu", logits_via_embedding=tied,
+        vocab_pad_multiple=1,
+    )
+    assert model_lib.param_count(unpadded_cfg) == unpadded
+
+
+def test_flops_per_token():
+    cfg = ModelConfig()
+    matmul = 111_928_960 - 384 * 640  # input embedding lookup excluded
+    assert model_lib.matmul_param_count(cfg) == matmul == 111_683_200
+    assert model_lib.flops_per_token(cfg) == 6 * matmul + 12 * 20 * 640 * 1024 == 827_385_600
+
+
+def test_config_validation_and_attention_choice():
+    assert ModelConfig().padded_vocab_size == 384
+    assert ModelConfig(vocab_pad_multiple=1).padded_vocab_size == 267
+    assert model_lib.attention_implementation(ModelConfig(attention="auto")) == "xla"  # CPU
+    assert model_lib.attention_implementation(ModelConfig(attention="cudnn_flash")) == "cudnn"
+    with pytest.raises(ValueError, match="remat_policy"):
+        ModelConfig(remat_policy="bogus")
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig(attention="flash")
+
