@@ -204,9 +204,11 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
     t = time.perf_counter()
     batch = global_batch(setup, next(iterator))
     first_batch_s = time.perf_counter() - t
-    dropout_key = jax.device_put(
-        jax.random.key(cfg.run.seed + 1), partitioning.replicated(setup.mesh)
-    )
+    # Made on the mesh by jit: device_put cannot target other processes' devices.
+    dropout_key = jax.jit(
+        lambda: jax.random.key(cfg.run.seed + 1),
+        out_shardings=partitioning.replicated(setup.mesh),
+    )()
     t = time.perf_counter()
     train_step = setup.train_step.lower(state, batch, dropout_key).compile()
     compile_s = time.perf_counter() - t
@@ -243,7 +245,8 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
                 operative = config_lib.operative_config_str()
                 (epath.Path(cfg.run.run_dir) / "operative_config.gin").write_text(operative)
                 writer.texts(step, {"config/operative": f"```\n{operative}\n```"})
-            window = _Window(step)
+            # Keep the first step's metrics, but time throughput from here: it excludes compile.
+            window.first_step, window.start = step, time.perf_counter()
 
         done = step >= total
         if not done:
@@ -254,7 +257,7 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
         # Fetch the next batch while the device runs this step.
         batch = global_batch(setup, next(iterator))
 
-        if step % cfg.run.log_period == 0:
+        if step % cfg.run.log_period == 0 and window.metrics:
             _log_window(writer, window, step, total, tokens_per_step, flops_per_step, peak)
             _record_progress(cfg, step)
             window = _Window(step)
@@ -296,12 +299,13 @@ def _log_window(writer, window, step, total, tokens_per_step, flops_per_step, pe
     values = window.mean()
     elapsed = time.perf_counter() - window.start
     steps = step - window.first_step
-    steps_per_sec = steps / elapsed if elapsed > 0 else 0.0
-    values.update({
-        "perf/steps_per_sec": steps_per_sec,
-        "perf/tokens_per_sec": steps_per_sec * tokens_per_step,
-        "perf/mfu": steps_per_sec * flops_per_step / peak if peak > 0 else 0.0,
-    })
+    steps_per_sec = steps / elapsed if steps > 0 and elapsed > 0 else 0.0
+    if steps_per_sec > 0:  # a window holding only the first (compiling) step has no rate
+        values.update({
+            "perf/steps_per_sec": steps_per_sec,
+            "perf/tokens_per_sec": steps_per_sec * tokens_per_step,
+            "perf/mfu": steps_per_sec * flops_per_step / peak if peak > 0 else 0.0,
+        })
     writer.scalars(step, values)
     metrics_lib.log_progress(step, total, {k: values[k] for k in ("loss",) if k in values}, steps_per_sec)
 

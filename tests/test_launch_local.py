@@ -223,7 +223,7 @@ def _trainer_args(tmp_path, run_name, steps):
         "--gin_bindings=ModelConfig.head_dim=16",
         "--gin_bindings=ModelConfig.mlp_dim=64",
         "--gin_bindings=EVAL_INTERVAL=0",
-        "--gin_bindings=LOG_PERIOD=1",
+        "--gin_bindings=LOG_PERIOD=2",
         "--gin_bindings=WARMUP_STEPS=1",
     ]
 
