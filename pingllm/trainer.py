@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -141,14 +142,73 @@ def _state_from_params(setup: Setup, params) -> state_lib.TrainState:
     return jax.jit(init, out_shardings=setup.state_shardings)(params)
 
 
+def _leaf_fingerprint(leaf: jax.Array) -> jax.Array:
+    """sum(bits[i] * (2654435761 * i + 1)) mod 2**32 over the flat index i of every element.
+
+    Integer sums wrap exactly in any order, so every mesh and process count gives the same value
+    without gathering the leaf; the position weight makes moved values count.
+    """
+    bits = jax.lax.bitcast_convert_type(leaf, _UINT_OF_SIZE[leaf.dtype.itemsize]).astype(jnp.uint32)
+    index = jnp.zeros(leaf.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(leaf.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, leaf.shape, axis) * jnp.uint32(
+            stride % 2**32)
+        stride *= leaf.shape[axis]
+    return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+_UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def tree_fingerprint(tree) -> str:
+    """16 hex digits naming the exact bits of every leaf (same value on any mesh or host count).
+
+    Logged after a restore so a test (or a person) can check the restored parameters against the
+    checkpoint on disk; tests/resume_helpers.py recomputes it with NumPy.
+    """
+    per_leaf = jax.jit(lambda t: [_leaf_fingerprint(x) for x in jax.tree.leaves(t)])(tree)
+    words = np.asarray([int(v) for v in jax.device_get(per_leaf)], dtype="<u4")
+    return hashlib.sha256(words.tobytes()).hexdigest()[:16]
+
+
+def batch_digest(local_batch: dict[str, np.ndarray]) -> str:
+    """16 hex digits of this process's rows of a batch (every key, sorted by name)."""
+    digest = hashlib.sha256()
+    for key in sorted(local_batch):
+        value = np.ascontiguousarray(local_batch[key])
+        digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _DataPosition:
+    """The iterator's state frozen at one step: saved with that step's train state.
+
+    The loop fetches the next batch before it saves (to overlap it with the device), so the live
+    iterator is one step ahead of the state by then.
+    """
+
+    def __init__(self, state):
+        self._state = state
+
+    def get_state(self):
+        return self._state
+
+
 def _initial_state(cfg, setup, checkpointer, iterator):
     """Restores the newest complete checkpoint onto this mesh, else initialises sharded."""
     restored = checkpointer.restore(setup.abstract_state, iterator)
+    for path, problem in restored.skipped:
+        logging.warning("skipped checkpoint %s (left on disk): %s", path, problem)
     if restored.state is not None:
-        logging.info("restored step %d from the %s tier", int(restored.step), restored.source)
+        logging.info("restored step %d from the %s tier; params fingerprint %s",
+                     int(restored.step), restored.source, tree_fingerprint(restored.state.params))
         return restored.state, restored
     if restored.params is not None:
-        logging.info("starting from parameters of %s", cfg.checkpoint.load_parameters_path)
+        logging.info("starting from parameters of %s (step 0, fresh optimizer); params "
+                     "fingerprint %s", cfg.checkpoint.load_parameters_path,
+                     tree_fingerprint(restored.params))
         return _state_from_params(setup, restored.params), restored
     logging.info("no checkpoint: initialising a fresh, sharded train state")
     state = state_lib.init_train_state(
@@ -202,8 +262,13 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
     steps_lost = _steps_lost(cfg, step)
 
     t = time.perf_counter()
-    batch = global_batch(setup, next(iterator))
+    local_batch = next(iterator)
+    batch = global_batch(setup, local_batch)
     first_batch_s = time.perf_counter() - t
+    rows = iterator.layout.local_batch_size
+    logging.info("first batch: step %d, process %d of %d, rows [%d, %d), digest %s", step,
+                 process_index, process_count, process_index * rows, (process_index + 1) * rows,
+                 batch_digest(local_batch))
     # Made on the mesh by jit: device_put cannot target other processes' devices.
     dropout_key = jax.jit(
         lambda: jax.random.key(cfg.run.seed + 1),
@@ -255,6 +320,7 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
             break
 
         # Fetch the next batch while the device runs this step.
+        position = _DataPosition(iterator.get_state())
         batch = global_batch(setup, next(iterator))
 
         if step % cfg.run.log_period == 0 and window.metrics:
@@ -263,13 +329,13 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
             window = _Window(step)
         if cfg.run.eval_interval > 0 and step % cfg.run.eval_interval == 0:
             _run_eval(cfg, setup, state, writer, step)
-        checkpointer.maybe_save(step, state, iterator)
+        checkpointer.maybe_save(step, state, position)
         _write_save_metrics(writer, checkpointer)
 
     if window.metrics:
         _log_window(writer, window, step, total, tokens_per_step, flops_per_step, peak)
     _record_progress(cfg, step)
-    if done and cfg.run.eval_interval > 0 and step % cfg.run.eval_interval != 0:
+    if done and cfg.run.eval_interval > 0:  # the final model is always evaluated
         _run_eval(cfg, setup, state, writer, step)
     if reason:
         logging.warning("stopping at step %d: %s; saving a checkpoint", step, reason)

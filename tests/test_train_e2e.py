@@ -74,7 +74,11 @@ def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc.Reload()
     out = {}
     for tag in acc.Tags()["tensors"]:
-        out[tag] = [(e.step, float(np.asarray(_tensor(e.tensor_proto)))) for e in acc.Tensors(tag)]
+        values = [(e.step, np.asarray(_tensor(e.tensor_proto))) for e in acc.Tensors(tag)]
+        if values and values[0][1].dtype.kind in "fiu":
+            out[tag] = [(step, float(v)) for step, v in values]
+        else:  # text summaries (the operative config) are kept as strings
+            out[tag] = [(step, v.item().decode() if v.size == 1 else v) for step, v in values]
     return out
 
 
@@ -108,6 +112,8 @@ def test_quickstart_shape_learns_and_writes_tensorboard(shared):
                 "startup/time_to_first_step_s", "eval/loss", "eval/loss/result"):
         assert tag in scalars, (tag, sorted(scalars))
     assert [s for s, _ in scalars["eval/loss"]] == [20, 40]
+    (_, operative), = scalars["config/operative"]
+    assert "ModelConfig.num_layers = 2" in operative
     assert "model:" in proc.stderr and "parameters" in proc.stderr
     assert "ETA" in proc.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["20", "40"]

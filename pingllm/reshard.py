@@ -1,0 +1,441 @@
+"""Rewrite a checkpoint for another mesh, process layout, dtype or content, leaf group by group.
+
+Only a bounded group of leaves is ever in memory: the output is one ordinary Orbax save whose
+leaves are `_Deferred` placeholders; their type handler loads each group from the input (an
+Orbax partial restore onto the target shardings, casting the dtype), hands it to Orbax's own
+`ArrayHandler.serialize`, waits for the write and drops it before the next group. So the result
+is byte-for-byte the layout the trainer writes (`items/` OCDBT, `_sharding` of the target mesh,
+`array_metadatas/`, `_METADATA`, `_CHECKPOINT_METADATA`, checksums), and peak memory is about
+twice the largest group (the array plus Orbax's host copy) instead of the whole state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import glob
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint._src.metadata import array_metadata_store
+
+from pingllm import checkpointing
+
+Content = Literal["full", "params", "no_iter"]
+CONTENTS: tuple[str, ...] = ("full", "params", "no_iter")
+PARAMS_PREFIX = "params."
+
+
+class ReshardError(ValueError):
+    """The input cannot be rewritten as asked (not a checkpoint, bad mesh, existing output)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """One array of the output: where it comes from and what it becomes."""
+
+    name: str  # output name, e.g. 'params.layers.mlp.wo.kernel' ('layers.mlp.wo.kernel' params-only)
+    source_name: str
+    shape: tuple[int, ...]
+    source_dtype: np.dtype
+    dtype: np.dtype
+    sharding: NamedSharding
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ReshardResult:
+    step_dir: epath.Path
+    leaves: int
+    array_bytes: int  # sum of the output arrays' bytes
+    files_bytes: int  # bytes on disk (checksummed files)
+    groups: int
+    largest_group_bytes: int
+    seconds: float
+    verify_seconds: float
+
+
+# ----------------------------------------------------------------------------------------------
+# Names, shapes and target shardings.
+
+
+def leaf_name(path: Sequence[Any]) -> str:
+    """Orbax's parameter name of a key path ('opt_state.1.0.mu.token_embedding')."""
+    return checkpointing._path_str(path)
+
+
+def items_dir_of(step_dir: epath.Path) -> epath.Path:
+    return step_dir / checkpointing.STATE_ITEM
+
+
+def stored_leaves(items_dir: epath.Path) -> dict[str, Any]:
+    """{name: ArrayMetadata} of a state item; raises ReshardError if it is not one."""
+    if not (items_dir / "_METADATA").exists():
+        raise ReshardError(f"{items_dir}: not an Orbax state item (no _METADATA)")
+    try:
+        tree = checkpointing.stored_tree_metadata(items_dir)
+    except Exception as e:  # Orbax raises several types for unreadable metadata
+        raise ReshardError(f"{items_dir}: unreadable checkpoint metadata ({e})") from e
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {leaf_name(p): leaf for p, leaf in leaves}
+
+
+def saved_partition_spec(meta: Any) -> PartitionSpec:
+    """The PartitionSpec the writer used (replicated when the checkpoint has no _sharding)."""
+    sharding = getattr(meta, "sharding", None)
+    spec = getattr(sharding, "partition_spec", None)
+    if spec is None:
+        return PartitionSpec()
+    return PartitionSpec(*[tuple(s) if isinstance(s, list) else s for s in spec])
+
+
+def saved_mesh(meta: Any) -> dict[str, int] | None:
+    """{axis: size} of the mesh that wrote a leaf, when recorded."""
+    sharding = getattr(meta, "sharding", None)
+    names = getattr(sharding, "axis_names", None)
+    shape = getattr(sharding, "shape", None)
+    if names is None or shape is None:
+        return None
+    return {str(n): int(s) for n, s in zip(names, np.asarray(shape).tolist())}
+
+
+def mesh_axis_sizes(spec_entry: Any, mesh: Mesh) -> tuple[tuple[str, ...], int]:
+    axes = spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def indivisible(name: str, shape: Sequence[int], sharding: NamedSharding) -> list[str]:
+    """Why `sharding` cannot hold an array of `shape` evenly (empty when it can)."""
+    spec = tuple(sharding.spec)
+    if len(spec) > len(shape):
+        return [f"{name}: partition spec {spec} has more entries than the {len(shape)} dims"]
+    problems = []
+    for dim, entry in enumerate(spec):
+        if entry is None:
+            continue
+        axes, n = mesh_axis_sizes(entry, sharding.mesh)
+        if shape[dim] % n:
+            problems.append(f"{name}: dim {dim} of size {shape[dim]} is not divisible by mesh "
+                            f"axes {'x'.join(axes)} = {n}")
+    return problems
+
+
+def check_divisible(plans: Sequence[LeafPlan]) -> None:
+    problems = [p for plan in plans for p in indivisible(plan.name, plan.shape, plan.sharding)]
+    if problems:
+        raise ReshardError("the target mesh does not divide these arrays:\n  "
+                           + "\n  ".join(problems))
+
+
+def shardings_from_saved_specs(stored: Mapping[str, Any], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Each leaf keeps the writer's PartitionSpec, laid onto `mesh` (whose axis names it uses)."""
+    out = {}
+    for name, meta in stored.items():
+        spec = saved_partition_spec(meta)
+        unknown = [a for e in spec if e is not None for a in mesh_axis_sizes_names(e)
+                   if a not in mesh.shape]
+        if unknown:
+            raise ReshardError(f"{name}: saved partition spec {spec} names mesh axes {unknown} "
+                               f"that the target mesh {dict(mesh.shape)} lacks")
+        out[name] = NamedSharding(mesh, spec)
+    return out
+
+
+def mesh_axis_sizes_names(entry: Any) -> tuple[str, ...]:
+    return entry if isinstance(entry, tuple) else (entry,)
+
+
+def plan_leaves(
+    stored: Mapping[str, Any],
+    shardings: Mapping[str, NamedSharding],
+    *,
+    content: Content = "full",
+    param_dtype: str | None = None,
+    target_dtypes: Mapping[str, Any] | None = None,
+) -> list[LeafPlan]:
+    """The output arrays: which leaves (content), their dtype and their target sharding.
+
+    `target_dtypes` (e.g. from a config's abstract state) sets each leaf's dtype; `param_dtype`
+    then overrides the dtype of floating-point parameters.
+    """
+    if content not in CONTENTS:
+        raise ReshardError(f"content must be one of {CONTENTS}, got {content!r}")
+    plans = []
+    for name, meta in stored.items():
+        is_param = name.startswith(PARAMS_PREFIX)
+        if content == "params" and not is_param:
+            continue
+        if name not in shardings:
+            raise ReshardError(f"{name}: no target sharding for this leaf")
+        src = np.dtype(meta.dtype)
+        dtype = np.dtype(target_dtypes[name]) if target_dtypes and name in target_dtypes else src
+        if param_dtype and is_param and jax.numpy.issubdtype(src, jax.numpy.floating):
+            dtype = np.dtype(jax.numpy.dtype(param_dtype))
+        out_name = name[len(PARAMS_PREFIX):] if content == "params" else name
+        plans.append(LeafPlan(out_name, name, tuple(meta.shape), src, dtype, shardings[name]))
+    if not plans:
+        raise ReshardError("nothing to write: the checkpoint has no leaves for content "
+                           f"{content!r}")
+    check_divisible(plans)
+    return plans
+
+
+def groups(sizes: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """Consecutive index groups whose sizes sum to at most max_bytes (a larger item goes alone)."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    total = 0
+    for i, size in enumerate(sizes):
+        if current and total + size > max_bytes:
+            out.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    if current:
+        out.append(current)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a group of leaves from a checkpoint onto target shardings.
+
+
+def read_group(items_dir: epath.Path, structure: Any, wanted: Mapping[str, LeafPlan],
+               *, by_source: bool) -> dict[str, jax.Array]:
+    """{plan name: array} of the `wanted` leaves, restored onto their target sharding and dtype.
+
+    `structure` is the stored tree (ArrayMetadata leaves); every other leaf is an Orbax
+    PLACEHOLDER, so nothing else is read.
+    """
+    key = (lambda p: p.source_name) if by_source else (lambda p: p.name)
+    by_name = {key(p): p for p in wanted.values()}
+
+    def item_leaf(path, meta):
+        plan = by_name.get(leaf_name(path))
+        if plan is None:
+            return ocp.PLACEHOLDER
+        return jax.ShapeDtypeStruct(plan.shape, plan.dtype, sharding=plan.sharding)
+
+    def restore_arg(path, meta):
+        plan = by_name.get(leaf_name(path))
+        if plan is None:
+            return ocp.RestoreArgs()
+        return ocp.ArrayRestoreArgs(sharding=plan.sharding, global_shape=plan.shape,
+                                    dtype=plan.dtype)
+
+    is_leaf = lambda x: isinstance(x, ocp.metadata.ArrayMetadata)
+    item = jax.tree_util.tree_map_with_path(item_leaf, structure, is_leaf=is_leaf)
+    args = jax.tree_util.tree_map_with_path(restore_arg, structure, is_leaf=is_leaf)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(items_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+    flat, _ = jax.tree_util.tree_flatten_with_path(out)
+    got = {leaf_name(p): v for p, v in flat if isinstance(v, jax.Array)}
+    return {by_name[n].name: got[n] for n in by_name}
+
+
+def array_digest(x: jax.Array) -> str:
+    """sha256 over (index, bytes) of each distinct shard: no full host copy of the array."""
+    digest = hashlib.sha256(f"{x.shape}{x.dtype}".encode())
+    shards = [s for s in x.addressable_shards if s.replica_id == 0]
+    for shard in sorted(shards, key=lambda s: tuple((i.start or 0) for i in s.index)):
+        digest.update(repr(shard.index).encode())
+        digest.update(np.ascontiguousarray(np.asarray(shard.data)).view(np.uint8).data)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: one Orbax save whose leaves materialise group by group.
+
+
+class _Deferred:
+    """An output leaf that exists only while its group is being written."""
+
+    def __init__(self, plan: LeafPlan):
+        self.plan = plan
+
+
+class _StreamingArrayHandler(ocp.type_handlers.ArrayHandler):
+    """Loads `_Deferred` leaves in bounded groups and serializes them as ordinary jax.Arrays."""
+
+    def __init__(self, load: Callable[[list[LeafPlan]], dict[str, jax.Array]], max_bytes: int):
+        super().__init__(array_metadata_store=array_metadata_store.Store())
+        self._load = load
+        self._max_bytes = max_bytes
+        self.digests: dict[str, str] = {}
+        self.group_sizes: list[int] = []
+
+    async def serialize(self, values, infos, args=None):
+        args = list(args or [ocp.SaveArgs()] * len(values))
+        plans = [v.plan for v in values]
+        for idx in groups([p.nbytes for p in plans], self._max_bytes):
+            group = [plans[i] for i in idx]
+            # The load runs Orbax's own (synchronous) restore: off this event loop's thread.
+            arrays = await asyncio.to_thread(self._load, group)
+            values_g = [arrays[p.name] for p in group]
+            for p, v in zip(group, values_g):
+                self.digests[p.name] = array_digest(v)
+            futures = await super().serialize(values_g, [infos[i] for i in idx],
+                                              [args[i] for i in idx])
+            await asyncio.to_thread(lambda fs=futures: [f.result() for f in fs])
+            self.group_sizes.append(sum(p.nbytes for p in group))
+            del arrays, values_g
+        return []
+
+
+class _FilesHandler(ocp.CheckpointHandler):
+    """Writes given files verbatim (the iterator item copied from the input)."""
+
+    def save(self, directory: epath.Path, args: FilesSave):
+        for name, text in args.files.items():
+            (epath.Path(directory) / name).write_text(text)
+
+    def restore(self, directory: epath.Path, args: Any = None) -> None:
+        raise NotImplementedError("read iterator files with checkpointing.IteratorHandler")
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(_FilesHandler, for_save=True)
+@dataclasses.dataclass
+class FilesSave(ocp.args.CheckpointArgs):
+    files: dict[str, str]
+
+
+def output_step_dir(output: epath.Path, step: int) -> epath.Path:
+    """`output` itself when it is a step directory (numeric name), else `<run>/checkpoints/<step>`."""
+    if output.name.isdigit():
+        return output
+    return output / "checkpoints" / str(step)
+
+
+def _nest(plans: Sequence[LeafPlan], structure: Any, content: Content) -> Any:
+    """The output tree: the stored structure (or its params subtree) with `_Deferred` leaves."""
+    by_source = {p.source_name: p for p in plans}
+    is_leaf = lambda x: isinstance(x, ocp.metadata.ArrayMetadata)
+    prefix = ("params",) if content == "params" else ()
+    tree = structure["params"] if content == "params" else structure
+    return jax.tree_util.tree_map_with_path(
+        lambda path, m: _Deferred(by_source[leaf_name(prefix + tuple(path))]), tree,
+        is_leaf=is_leaf)
+
+
+def iterator_files(step_dir: epath.Path) -> dict[str, str]:
+    """The input's iterator states {file name: text} (one per writing process)."""
+    iter_dir = step_dir / checkpointing.ITER_ITEM
+    if not iter_dir.is_dir():
+        return {}
+    return {p.name: p.read_text() for p in sorted(iter_dir.iterdir())
+            if p.name.startswith("process_") and p.name.endswith(".json")}
+
+
+def reshard(
+    input_step: epath.PathLike,
+    output: epath.PathLike,
+    plans: Sequence[LeafPlan],
+    *,
+    content: Content = "full",
+    max_buffer_bytes: int = 256 << 20,
+    verify: bool = True,
+) -> ReshardResult:
+    """Writes `plans` of the checkpoint at `input_step` as a new step; returns what it wrote.
+
+    Refuses an existing output step. `content='params'` writes the parameter tree alone (what
+    LOAD_PARAMETERS_PATH accepts); 'no_iter' keeps an empty `iter/` item so the trainer can still
+    resume it (it then derives the data position from the step); 'full' copies the iterator files.
+    """
+    t0 = time.perf_counter()
+    src = epath.Path(input_step)
+    problems = checkpointing.verify_step(src)
+    if problems:
+        raise ReshardError(f"input {src} is not a complete checkpoint: {problems[0]}")
+    step = int(src.name)
+    dst = output_step_dir(epath.Path(output), step)
+    if dst.exists() or glob.glob(f"{dst}.orbax-checkpoint-tmp*"):
+        raise ReshardError(f"output {dst} already exists: refusing to overwrite it")
+    src_items = items_dir_of(src)
+    structure = checkpointing.stored_tree_metadata(src_items)
+    plans = list(plans)
+
+    def load(group: list[LeafPlan]) -> dict[str, jax.Array]:
+        return read_group(src_items, structure, {p.name: p for p in group}, by_source=True)
+
+    handler = _StreamingArrayHandler(load, max_buffer_bytes)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (_Deferred, handler),
+        (jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store())),
+    )
+    state_handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=False,
+                                                type_handler_registry=registry)
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    handlers.add(checkpointing.STATE_ITEM, ocp.args.PyTreeSave, state_handler)
+    items = {checkpointing.STATE_ITEM: ocp.args.PyTreeSave(_nest(plans, structure, content))}
+    if content != "params":
+        handlers.add(checkpointing.ITER_ITEM, FilesSave, _FilesHandler())
+        files = iterator_files(src) if content == "full" else {}
+        items[checkpointing.ITER_ITEM] = FilesSave(files)
+
+    def before_commit() -> None:
+        tmp = sorted(glob.glob(f"{dst}.orbax-checkpoint-tmp*"))
+        checkpointing.write_checksums(epath.Path(tmp[0]) if tmp else dst, {
+            "step": step, "tier": "reshard", "source": str(src), "content": content})
+
+    options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=True, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=before_commit))
+    with ocp.CheckpointManager(dst.parent, options=options, handler_registry=handlers) as mngr:
+        mngr.save(step, args=ocp.args.Composite(**items), force=True)
+        mngr.wait_until_finished()
+    seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    if verify:
+        verify_written(dst, plans, handler.digests, max_buffer_bytes)
+    sums = checkpointing.read_checksums(dst) or {"files": {}}
+    return ReshardResult(
+        step_dir=dst, leaves=len(plans), array_bytes=sum(p.nbytes for p in plans),
+        files_bytes=sum(v["size"] for v in sums["files"].values()),
+        groups=len(handler.group_sizes), largest_group_bytes=max(handler.group_sizes, default=0),
+        seconds=seconds, verify_seconds=time.perf_counter() - t1)
+
+
+def verify_written(step_dir: epath.Path, plans: Sequence[LeafPlan], digests: Mapping[str, str],
+                   max_buffer_bytes: int) -> None:
+    """Checksums of every file, then each array re-read (in groups) equals what was written."""
+    problems = checkpointing.verify_step(step_dir)
+    if problems:
+        raise ReshardError(f"written checkpoint {step_dir} fails verification: {problems[0]}")
+    items = items_dir_of(step_dir)
+    stored = stored_leaves(items)
+    missing = sorted({p.name for p in plans} - set(stored))
+    if missing:
+        raise ReshardError(f"written checkpoint {step_dir} lacks leaves {missing}")
+    structure = checkpointing.stored_tree_metadata(items)
+    for idx in groups([p.nbytes for p in plans], max_buffer_bytes):
+        group = {plans[i].name: plans[i] for i in idx}
+        arrays = read_group(items, structure, group, by_source=False)
+        for name, array in arrays.items():
+            if np.dtype(stored[name].dtype) != group[name].dtype:
+                raise ReshardError(f"{name}: written dtype {stored[name].dtype} != "
+                                   f"{group[name].dtype}")
+            if array_digest(array) != digests[name]:
+                raise ReshardError(f"{name}: re-read values differ from those written")
+        del arrays
