@@ -135,7 +135,7 @@ class Vivaldi:
         return rtt, np.full(len(rtt), self.fallback.p_fail)
 
 
-def fit_vivaldi(m: records.Measurements, config: VivaldiConfig = VivaldiConfig()) -> Vivaldi:
+def fit_vivaldi(m: records.Measurements, config: VivaldiConfig | None = None) -> Vivaldi:
     """Vivaldi on each training pair's minimum successful RTT (the propagation-like part).
 
     Each round visits every pair once in a seeded order, in mini-batches; both endpoints move
@@ -143,6 +143,7 @@ def fit_vivaldi(m: records.Measurements, config: VivaldiConfig = VivaldiConfig()
     times in a mini-batch moves by the mean of its updates, so popular destinations (anycast)
     do not take one huge summed step.
     """
+    config = config or VivaldiConfig()
     ok = _ok(m)
     src_k = node_keys(m.src_addr[ok], m.ip_version[ok])
     dst_k = node_keys(m.dst_addr[ok], m.ip_version[ok])
@@ -207,5 +208,5 @@ class Baselines:
         return getattr(self, name).predict(src, dst, ip_version)
 
 
-def fit_all(m: records.Measurements, vivaldi: VivaldiConfig = VivaldiConfig()) -> Baselines:
+def fit_all(m: records.Measurements, vivaldi: VivaldiConfig | None = None) -> Baselines:
     return Baselines(fit_global_median(m), fit_per_destination_median(m), fit_vivaldi(m, vivaldi))

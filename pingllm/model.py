@@ -53,7 +53,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"  # one of REMAT_POLICIES
     # 'dot_product': XLA everywhere; 'cudnn_flash': cuDNN fused attention (GPU only);
-    # 'auto': cuDNN when the default backend is GPU, XLA otherwise.
+    # 'auto': cuDNN when the default backend is GPU and dtype is 16-bit, XLA otherwise.
     attention: str = "auto"
     # Untied by default: with 267 ids the extra table costs 0.25M params and frees the output
     # head from the input embedding's geometry.
@@ -62,7 +62,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r}: use one of {list(REMAT_POLICIES)}")
+            raise ValueError(
+                f"remat_policy={self.remat_policy!r}: use one of {list(REMAT_POLICIES)}"
+            )
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention={self.attention!r}: use one of {list(ATTENTION_KINDS)}")
         if self.mlp_activation not in MLP_ACTIVATIONS:
@@ -83,7 +85,9 @@ def attention_implementation(config: ModelConfig) -> str:
         return "xla"
     if config.attention == "cudnn_flash":
         return "cudnn"
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    # cuDNN's fused attention takes only half-precision inputs.
+    half = config.dtype in ("bfloat16", "float16")
+    return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
 
 
 class Dense(nn.Module):
@@ -103,20 +107,25 @@ class Dense(nn.Module):
     def __call__(self, x):
         n_in, n_out = len(self.in_axes), len(self.features)
         init = nn.initializers.variance_scaling(
-            1.0, "fan_in", "truncated_normal",
-            in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)),
+            1.0,
+            "fan_in",
+            "truncated_normal",
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + n_out)),
         )
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
-            x.shape[x.ndim - n_in:] + tuple(self.features),
+            x.shape[x.ndim - n_in :] + tuple(self.features),
             jnp.dtype(self.config.param_dtype),
         )
         dtype = jnp.dtype(self.config.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         out_dtype = jnp.dtype(self.output_dtype or self.config.dtype)
         return jax.lax.dot_general(
-            x.astype(dtype), kernel.astype(dtype), (contract, ((), ())),
+            x.astype(dtype),
+            kernel.astype(dtype),
+            (contract, ((), ())),
             preferred_element_type=out_dtype,
         )
 
@@ -135,7 +144,9 @@ class RMSNorm(nn.Module):
             jnp.dtype(self.config.param_dtype),
         )
         x = x_BxLxD.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.normalization_epsilon)
+        x = x * jax.lax.rsqrt(
+            jnp.mean(x * x, axis=-1, keepdims=True) + self.config.normalization_epsilon
+        )
         return (x * scale_D.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
 
 
@@ -144,7 +155,7 @@ def apply_rope(x_BxLxNxH, positions_BxL, max_timescale: float):
     head_dim = x_BxLxNxH.shape[-1]
     fraction_H2 = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
     timescale_H2 = max_timescale**fraction_H2
-    angle_BxLx1xH2 = (positions_BxL[:, :, None, None].astype(jnp.float32) / timescale_H2)
+    angle_BxLx1xH2 = positions_BxL[:, :, None, None].astype(jnp.float32) / timescale_H2
     sin, cos = jnp.sin(angle_BxLx1xH2), jnp.cos(angle_BxLx1xH2)
     first, second = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -168,7 +179,10 @@ def attend(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implementation: str
     if implementation == "cudnn":
         return attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, "cudnn")
     return jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask=attention_mask(segment_ids_BxL),
+        q_BxLxNxH,
+        k_BxLxNxH,
+        v_BxLxNxH,
+        mask=attention_mask(segment_ids_BxL),
         implementation=implementation,
     )
 
@@ -181,8 +195,12 @@ def attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implemen
     """
     lengths_B = jnp.sum(segment_ids_BxL != 0, axis=-1).astype(jnp.int32)
     return jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, is_causal=True,
-        query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
+        q_BxLxNxH,
+        k_BxLxNxH,
+        v_BxLxNxH,
+        is_causal=True,
+        query_seq_lengths=lengths_B,
+        key_value_seq_lengths=lengths_B,
         implementation=implementation,
     )
 
@@ -242,9 +260,7 @@ class DecoderBlock(nn.Module):
         dropout = nn.Dropout(rate=cfg.dropout_rate, deterministic=self.deterministic)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
         h_BxLxD = RMSNorm(cfg, name="pre_attention_norm")(x_BxLxD)
-        h_BxLxD = Attention(cfg, name="attention")(
-            h_BxLxD, segment_ids_BxL, positions_BxL
-        )
+        h_BxLxD = Attention(cfg, name="attention")(h_BxLxD, segment_ids_BxL, positions_BxL)
         x_BxLxD = x_BxLxD + dropout(h_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
         h_BxLxD = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="pre_mlp_norm")(x_BxLxD))
@@ -307,14 +323,20 @@ class Transformer(nn.Module):
         if cfg.logits_via_embedding:
             # Tied table: the N(0, 1) embedding init would give logits of scale sqrt(D).
             logits_BxLxV = jnp.einsum(
-                "bld,vd->blv", x_BxLxD, table_VxD.astype(dtype),
+                "bld,vd->blv",
+                x_BxLxD,
+                table_VxD.astype(dtype),
                 preferred_element_type=jnp.float32,
             )
             logits_BxLxV = logits_BxLxV / np.sqrt(cfg.emb_dim)
         else:
             # float32 out: the loss needs logits finer than bfloat16's 3 significant digits.
             logits_BxLxV = Dense(
-                (cfg.padded_vocab_size,), ("embed",), ("vocab",), cfg, output_dtype="float32",
+                (cfg.padded_vocab_size,),
+                ("embed",),
+                ("vocab",),
+                cfg,
+                output_dtype="float32",
                 name="logits",
             )(x_BxLxD)
         valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
@@ -356,5 +378,7 @@ def flops_per_token(config: ModelConfig) -> float:
     parameter per token. The attention term counts QK^T and AV over the full sequence, as is
     standard for MFU, even though a causal kernel may skip half of it.
     """
-    attention = 12 * config.num_layers * config.num_heads * config.head_dim * config.max_target_length
+    attention = (
+        12 * config.num_layers * config.num_heads * config.head_dim * config.max_target_length
+    )
     return float(6 * matmul_param_count(config) + attention)

@@ -58,8 +58,7 @@ class MeshConfig:
     def __post_init__(self):
         if self.ici_shape.count(-1) > 1:
             raise ValueError(f"MeshConfig: at most one ICI size may be -1, got {self.ici_shape}")
-        bad = [s for s in self.ici_shape if s != -1 and s < 1] + [s for s in self.dcn_shape if s < 1]
-        if bad:
+        if any(s < 1 and s != -1 for s in self.ici_shape) or any(s < 1 for s in self.dcn_shape):
             raise ValueError(
                 f"MeshConfig: sizes must be >= 1 (or -1 for one ICI axis), got ici "
                 f"{self.ici_shape} dcn {self.dcn_shape}"
@@ -80,7 +79,8 @@ def resolve_ici_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
         if per_slice % known:
             raise ValueError(
                 f"ICI mesh {dict(zip(MESH_AXES, cfg.ici_shape))}: fixed sizes (product {known}) "
-                f"do not divide the {per_slice} devices per slice ({num_devices} devices / DCN {dcn})"
+                f"do not divide the {per_slice} devices per slice "
+                f"({num_devices} devices / DCN {dcn})"
             )
         return tuple(per_slice // known if s == -1 else s for s in cfg.ici_shape)
     if known != per_slice:

@@ -52,8 +52,8 @@ def means_from_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in sums.items():
         if key.startswith("loss_sum"):
-            count = sums["tokens" + key[len("loss_sum"):]]
-            out["loss" + key[len("loss_sum"):]] = value / jnp.maximum(count, 1.0)
+            count = sums["tokens" + key[len("loss_sum") :]]
+            out["loss" + key[len("loss_sum") :]] = value / jnp.maximum(count, 1.0)
         else:
             out[key] = value
     return out
@@ -89,7 +89,7 @@ def train_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = means_from_sums(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -42,6 +42,8 @@ def one(tmp_path_factory):
     """Every one-process run, started as soon as what it needs exists."""
     s = rh.shared(tmp_path_factory)
     ref = rh.start(s, "ref1", RUN)
+    # Past its first step the compiled program is in the persistent cache: later runs load it.
+    rh.wait_for_step(ref, s.run_dir("ref1"), 1)
     sig = rh.start(s, "sig1", RUN)
     stop_seen = rh.stop_at(sig, s.run_dir("sig1"), N)
     assert sig.wait() == 75, sig.tail()
@@ -104,8 +106,8 @@ def test_restart_metrics_in_tensorboard(one):
     for tag in ("blocking_s", "write_s", "bytes", "gb_per_s"):
         values = tb[f"checkpoint/persistent/{tag}"]
         assert sorted(values) == saved and all(v > 0 for v in values.values()), (tag, values)
-    sizes = {int(v) for v in tb["checkpoint/persistent/bytes"].values()}
-    assert len(sizes) == 1 and 50_000 < sizes.pop() < 2_000_000  # same state, every save
+    # The state (35k parameters + 2 Adam moments, float32) is ~420 kB; OCDBT adds metadata.
+    assert all(400_000 < v < 600_000 for v in tb["checkpoint/persistent/bytes"].values())
 
     # The corrupt-newest-step restart lost the steps between step 30 and the recorded 40.
     bad = rh.scalars(s.run_dir("bad1"))
@@ -175,9 +177,9 @@ def test_load_parameters_path_takes_parameters_only(one):
     assert int(got["step"]) == 1
     # Learning rate of step 0 is 0 (warmup): the one step left the loaded weights as they were.
     rh.assert_trees_bitwise_equal(ref["params"], got["params"], "params")
-    counts = [int(v) for k, v in rh.flat(got["opt_state"]).items() if k.endswith("count")]
+    counts = [int(v) for k, v in rh.flat(got["opt_state"]).items() if "count" in k]
     assert counts and set(counts) == {1}  # a fresh optimizer, one update old (ref1's: 40)
-    ref_counts = [int(v) for k, v in rh.flat(ref["opt_state"]).items() if k.endswith("count")]
+    ref_counts = [int(v) for k, v in rh.flat(ref["opt_state"]).items() if "count" in k]
     assert set(ref_counts) == {STEPS}
 
 
@@ -186,6 +188,7 @@ def test_two_process_job_sigterm_restart_equals_uninterrupted_bitwise(tmp_path_f
     s = rh.shared(tmp_path_factory)
     job = dict(processes=2, devices=2)
     ref = rh.start(s, "ref2", MULTI, **job)
+    rh.wait_for_step(ref, s.run_dir("ref2"), 1)  # compiled and cached: sig2 loads it
     sig = rh.start(s, "sig2", MULTI, **job)
     stop_seen = rh.stop_at(sig, s.run_dir("sig2"), N)  # to launch/local.py: it forwards it
     assert sig.wait() == 75, sig.tail()

@@ -1,0 +1,384 @@
+"""Held-out evaluation: the model's RTT predictions against baselines on pairs never trained on.
+
+    python -m pingllm.evaluate --checkpoint RUN_DIR [--gin_file F ...] [--output_json F]
+        [--max_queries N] [--context train|window|both]
+
+Queries are measurements of the test split (pairs never in training), sampled uniformly with a
+fixed seed. The model's prompt for a query is a context of the same source, then the query's
+source, destination and time (predict.py reads the answer). Contexts:
+
+- `train` (default, the headline): the source's training-split measurements before the query
+  time (other destinations only, since the query's pair is held out) - what the predictor uses
+  and the same information Vivaldi's source coordinate is fitted from;
+- `window`: the measurements preceding the query in its test window, as in training. In the
+  synthetic data most of them are earlier pings of the very same pair, so this mostly measures
+  in-context copying, not learned latency structure; reported as `model_window_context`.
+
+Baselines (baselines.py) are fitted on the training split's measurements; on synthetic data
+`floor` is the generator's own noise-free latency used as a predictor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pingllm import baselines as baselines_lib
+from pingllm import predict as predict_lib
+
+RTT_RANGES_MS = ((0.0, 10.0), (10.0, 50.0), (50.0, 150.0), (150.0, np.inf))
+CALIBRATION_BINS = np.array([0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
+HEADLINE = ("median_relative_error", "median_abs_error_ms", "within_10pct", "within_25pct",
+            "p_fail_brier", "n_rtt")
+
+
+# ---- metrics (pure numpy) ----
+
+
+def _range_name(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}ms" if np.isfinite(hi) else f">={lo:g}ms"
+
+
+def point_metrics(pred_ms: np.ndarray, true_ms: np.ndarray) -> dict[str, float]:
+    """Point-estimate errors over successful measurements (true_ms > 0)."""
+    pred_ms, true_ms = np.asarray(pred_ms, np.float64), np.asarray(true_ms, np.float64)
+    if len(true_ms) == 0:
+        return {"n_rtt": 0}
+    abs_err = np.abs(pred_ms - true_ms)
+    rel = abs_err / np.maximum(true_ms, 1e-6)
+    return {
+        "median_abs_error_ms": float(np.median(abs_err)),
+        "median_relative_error": float(np.median(rel)),
+        "within_10pct": float(np.mean(rel <= 0.10)),
+        "within_25pct": float(np.mean(rel <= 0.25)),
+        "n_rtt": int(len(true_ms)),
+    }
+
+
+def calibration_table(p_fail: np.ndarray, failed: np.ndarray,
+                      edges: np.ndarray = CALIBRATION_BINS) -> list[dict[str, float]]:
+    """Reliability table: per bin of predicted p_fail, mean prediction vs observed failure rate."""
+    p_fail, failed = np.asarray(p_fail, np.float64), np.asarray(failed, bool)
+    which = np.clip(np.searchsorted(edges, p_fail, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        sel = which == b
+        if sel.any():
+            rows.append({"bin_lo": float(edges[b]), "bin_hi": float(edges[b + 1]),
+                         "count": int(sel.sum()), "mean_predicted": float(p_fail[sel].mean()),
+                         "observed_rate": float(failed[sel].mean())})
+    return rows
+
+
+def rtt_metrics(pred_rtt_ms, true_rtt_ms, p_fail, ip_version) -> dict[str, float]:
+    """All RTT and failure metrics of one method, flat ('<metric>[/<breakdown>]' keys).
+
+    true_rtt_ms < 0 marks a failed measurement (it counts for P(fail), not for RTT errors).
+    Breakdowns: 'ipv4'/'ipv6' and the true-RTT ranges of RTT_RANGES_MS.
+    """
+    pred, true = np.asarray(pred_rtt_ms, np.float64), np.asarray(true_rtt_ms, np.float64)
+    p_fail, ver = np.asarray(p_fail, np.float64), np.asarray(ip_version)
+    failed = true < 0
+    ok = ~failed
+    out: dict[str, float] = dict(point_metrics(pred[ok], true[ok]))
+    for v in (4, 6):
+        sel = ok & (ver == v)
+        for k, val in point_metrics(pred[sel], true[sel]).items():
+            out[f"{k}/ipv{v}"] = val
+    for lo, hi in RTT_RANGES_MS:
+        sel = ok & (true >= lo) & (true < hi)
+        for k, val in point_metrics(pred[sel], true[sel]).items():
+            out[f"{k}/{_range_name(lo, hi)}"] = val
+    eps = 1e-6
+    clipped = np.clip(p_fail, eps, 1 - eps)
+    out["p_fail_brier"] = float(np.mean((p_fail - failed) ** 2)) if len(p_fail) else 0.0
+    out["p_fail_log_loss"] = float(-np.mean(np.where(failed, np.log(clipped),
+                                                     np.log1p(-clipped)))) if len(p_fail) else 0.0
+    out["observed_fail_rate"] = float(failed.mean()) if len(failed) else 0.0
+    out["mean_p_fail"] = float(p_fail.mean()) if len(p_fail) else 0.0
+    out["n_queries"] = int(len(true))
+    return out
+
+
+# ---- held-out queries ----
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Sampled test measurements and where each sits (record index, position in it)."""
+
+    src_addr: np.ndarray  # uint8[N, 16]
+    dst_addr: np.ndarray
+    ip_version: np.ndarray  # int8[N]
+    event_time: np.ndarray  # int64[N]
+    rtt_ms: np.ndarray  # float32[N], -1 failed
+    record: np.ndarray  # int64[N]
+    position: np.ndarray  # int64[N]
+
+    def __len__(self) -> int:
+        return len(self.event_time)
+
+    def query(self, i: int) -> predict_lib.Query:
+        return predict_lib.Query(self.src_addr[i], self.dst_addr[i], int(self.ip_version[i]),
+                                 int(self.event_time[i]))
+
+
+def sample_held_out(test_records: Sequence[dict], max_queries: int, seed: int = 0) -> HeldOut:
+    """Up to max_queries test measurements, uniformly without replacement (seeded)."""
+    counts = np.array([len(r["event_time"]) for r in test_records])
+    total = int(counts.sum())
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(total, size=min(max_queries, total), replace=False))
+    starts = np.cumsum(counts) - counts
+    rec = np.searchsorted(starts, pick, side="right") - 1
+    pos = pick - starts[rec]
+    recs = [test_records[int(r)] for r in rec]
+    return HeldOut(
+        src_addr=np.stack([np.asarray(r["src_addr"], np.uint8) for r in recs]),
+        dst_addr=np.stack([np.asarray(r["dst_addr"][p], np.uint8) for r, p in zip(recs, pos)]),
+        ip_version=np.array([int(r["ip_version"]) for r in recs], np.int8),
+        event_time=np.array([int(r["event_time"][p]) for r, p in zip(recs, pos)], np.int64),
+        rtt_ms=np.array([float(r["rtt_ms"][p]) for r, p in zip(recs, pos)], np.float32),
+        record=rec.astype(np.int64), position=pos.astype(np.int64))
+
+
+def window_context(record: dict, position: int) -> dict:
+    """The measurements before `position` in its record (the query's window)."""
+    return {k: (record[k] if k in ("src_addr", "ip_version") else record[k][:position])
+            for k in ("src_addr", "ip_version", "dst_addr", "event_time", "rtt_ms")}
+
+
+def model_predictions(predictor: predict_lib.Predictor, held: HeldOut, test_records,
+                      context: str) -> predict_lib.Predictions:
+    prompts = []
+    for i in range(len(held)):
+        q = held.query(i)
+        if context == "window":
+            rec = int(held.record[i])
+            ctx = window_context(test_records[rec], int(held.position[i]))
+            prompts.append(predictor.prompt(q, ctx, window_index=rec, mode="drawn"))
+        else:
+            prompts.append(predictor.prompt(q, predictor.training_context(q)))
+    return predictor.predict_prompts(prompts)
+
+
+# ---- token losses on the held-out split ----
+
+
+def token_losses(model_cfg, params, batches) -> dict[str, float]:
+    """Per-token loss and per-field losses (step.loss_sums) over eval batches, teacher-forced."""
+    import jax
+
+    from pingllm import step as step_lib
+    from pingllm.model import Transformer
+
+    model = Transformer(model_cfg)
+
+    @jax.jit
+    def sums(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"])
+        return step_lib.loss_sums(logits, batch)
+
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in jax.device_get(sums(params, batch)).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    return {k: float(v) for k, v in step_lib.means_from_sums(totals).items()
+            if k.startswith("loss")}
+
+
+# ---- the whole evaluation ----
+
+
+def is_synthetic(data_config) -> bool:
+    return data_config.source == "synthetic_memory" or data_config.tfds_config == "synthetic"
+
+
+def evaluate(predictor: predict_lib.Predictor, cfg, *, max_queries: int = 500,
+             context: str = "train", seed: int = 0, eval_batches: int | None = None,
+             vivaldi: baselines_lib.VivaldiConfig | None = None,
+             log=print) -> dict:
+    """{method: {metric: value}} plus 'calibration' {method: table} and the raw predictions."""
+    from pingllm.data import pipeline
+
+    t0 = time.perf_counter()
+    train_src = pipeline.record_source(cfg.data, "train")
+    test_src = pipeline.record_source(cfg.data, "test")
+    test_records = [test_src[i] for i in range(len(test_src))]
+    train_m = baselines_lib.measurements_of_records(train_src[i] for i in range(len(train_src)))
+    fitted = baselines_lib.fit_all(train_m, vivaldi or baselines_lib.VivaldiConfig())
+    held = sample_held_out(test_records, max_queries, seed)
+    log(f"evaluate: {len(train_m)} training measurements, {len(held)} held-out queries "
+        f"({time.perf_counter() - t0:.1f}s to load and fit baselines)")
+
+    point: dict[str, np.ndarray] = {}
+    p_fail: dict[str, np.ndarray] = {}
+    for name in baselines_lib.BASELINE_NAMES:
+        point[name], p_fail[name] = fitted.predict(name, held.src_addr, held.dst_addr,
+                                                   held.ip_version)
+    if is_synthetic(cfg.data):
+        from pingllm.data import synthetic
+
+        world = synthetic.SyntheticInternet(seed=cfg.data.synthetic_seed)
+        point["floor"] = world.noise_free_rtt_ms(held.src_addr, held.dst_addr, held.ip_version,
+                                                 held.event_time)
+        p_fail["floor"] = np.full(len(held), baselines_lib.failure_rate(train_m))
+
+    contexts = ("train", "window") if context == "both" else (context,)
+    quantiles = {}
+    for ctx in contexts:
+        name = "model" if ctx == "train" else "model_window_context"
+        if context == "window":
+            name = "model"
+        t = time.perf_counter()
+        preds = model_predictions(predictor, held, test_records, ctx)
+        log(f"evaluate: {name} ({ctx} context): {len(held)} queries in "
+            f"{time.perf_counter() - t:.1f}s")
+        point[name], p_fail[name] = preds.rtt_p50, preds.p_fail
+        quantiles[name] = preds
+
+    results: dict = {}
+    for name in point:
+        results[name] = rtt_metrics(point[name], held.rtt_ms, p_fail[name], held.ip_version)
+    for name, preds in quantiles.items():
+        ok = held.rtt_ms >= 0
+        inside = (held.rtt_ms[ok] >= preds.rtt_p10[ok]) & (held.rtt_ms[ok] <= preds.rtt_p90[ok])
+        results[name]["p10_p90_coverage"] = float(inside.mean()) if ok.any() else 0.0
+    n_batches = eval_batches if eval_batches is not None else cfg.run.eval_steps
+    if n_batches > 0:
+        batches = pipeline.eval_batches(cfg.data, num_batches=n_batches)
+        results["model"].update(token_losses(predictor.model_cfg, predictor.params, batches))
+    calibration = {name: calibration_table(p_fail[name], held.rtt_ms < 0) for name in point}
+    return {"metrics": results, "calibration": calibration, "held_out": held, "point": point,
+            "p_fail": p_fail, "quantiles": quantiles}
+
+
+@functools.lru_cache(maxsize=2)
+def _fitted_baselines(data_config, max_queries: int, seed: int):
+    """(baselines fitted on the training split, test records, sampled held-out queries)."""
+    from pingllm.data import pipeline
+
+    train_src = pipeline.record_source(data_config, "train")
+    test_src = pipeline.record_source(data_config, "test")
+    test_records = tuple(test_src[i] for i in range(len(test_src)))
+    train_m = baselines_lib.measurements_of_records(train_src[i] for i in range(len(train_src)))
+    held = sample_held_out(test_records, max_queries, seed)
+    return baselines_lib.fit_all(train_m), test_records, held
+
+
+def eval_rtt_metrics(cfg, params, *, max_queries: int = 64, seed: int = 0) -> dict[str, float]:
+    """RTT metrics for the trainer's periodic eval: {'rtt/<method>/<metric>': value}.
+
+    The model (train context) and the baselines on the same max_queries held-out queries;
+    baselines are fitted once per data config (cached). Call it on every process: params may
+    be sharded; the prediction rows are replicated, so every process gets the same numbers.
+    """
+    fitted, test_records, held = _fitted_baselines(cfg.data, max_queries, seed)
+    predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data, seed=cfg.data.seed)
+    preds = model_predictions(predictor, held, test_records, "train")
+    out = {}
+    methods = {"model": (preds.rtt_p50, preds.p_fail)}
+    for name in ("vivaldi", "per_destination_median"):
+        methods[name] = fitted.predict(name, held.src_addr, held.dst_addr, held.ip_version)
+    for name, (rtt, p_fail) in methods.items():
+        m = rtt_metrics(rtt, held.rtt_ms, p_fail, held.ip_version)
+        for key in ("median_relative_error", "median_abs_error_ms", "within_25pct",
+                    "p_fail_brier"):
+            out[f"rtt/{name}/{key}"] = m[key]
+    return out
+
+
+def format_table(metrics: dict[str, dict[str, float]], columns=HEADLINE) -> str:
+    """A fixed-width text table: one row per method."""
+    methods = list(metrics)
+    width = max(len(m) for m in methods) + 2
+    head = "method".ljust(width) + "".join(c.rjust(22) for c in columns)
+    lines = [head, "-" * len(head)]
+    for m in methods:
+        cells = []
+        for c in columns:
+            v = metrics[m].get(c)
+            cells.append(("-" if v is None else f"{v:.4g}").rjust(22))
+        lines.append(m.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def format_calibration(table: list[dict[str, float]]) -> str:
+    lines = ["p_fail bin        count  mean_predicted  observed_rate"]
+    for r in table:
+        lines.append(f"[{r['bin_lo']:.2f}, {r['bin_hi']:.2f})  {r['count']:>7d}  "
+                     f"{r['mean_predicted']:>14.4f}  {r['observed_rate']:>13.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pingllm.evaluate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="run directory, its checkpoints/ directory, or one step directory")
+    parser.add_argument("--gin_file", action="append", default=[],
+                        help="gin files to use instead of the run's config.gin (e.g. other data)")
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--output_json", help="write {method: {metric: value}} here")
+    parser.add_argument("--max_queries", type=int, default=500)
+    parser.add_argument("--context", choices=("train", "window", "both"), default="both")
+    parser.add_argument("--eval_batches", type=int, default=None,
+                        help="batches for token losses (default: the run's EVAL_STEPS)")
+    parser.add_argument("--no_plots", action="store_true")
+    args = parser.parse_args(argv)
+
+    from pingllm import config as config_lib
+
+    try:
+        model_cfg_run, params, step_dir = predict_lib.load_checkpoint(args.checkpoint)
+        cfg = model_cfg_run
+        if args.gin_file or args.gin_bindings:
+            run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
+            files = args.gin_file or [str(run_dir / "config.gin")]
+            cfg = config_lib.load(files, args.gin_bindings)
+            if cfg.model != model_cfg_run.model:
+                raise config_lib.ConfigError("--gin_file changes the model config; the "
+                                             "checkpoint was trained with another")
+    except (FileNotFoundError, config_lib.ConfigError) as e:
+        print(f"pingllm.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data,
+                                      seed=cfg.data.seed)
+    step = int(Path(step_dir).name) if Path(step_dir).name.isdigit() else 0
+    print(f"evaluate: checkpoint {step_dir} (step {step})")
+    out = evaluate(predictor, cfg, max_queries=args.max_queries, context=args.context,
+                   eval_batches=args.eval_batches)
+    metrics = out["metrics"]
+    print(format_table(metrics))
+    for k in sorted(metrics["model"]):
+        if k.startswith("loss"):
+            print(f"model {k} = {metrics['model'][k]:.4f}")
+    print("P(fail) calibration of the model:")
+    print(format_calibration(out["calibration"]["model"]))
+    if args.output_json:
+        path = Path(args.output_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        path.with_name(path.stem + "_calibration.json").write_text(
+            json.dumps(out["calibration"], indent=2))
+        print(f"wrote {path}")
+    if not args.no_plots:
+        from pingllm import plots
+
+        run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
+        written = plots.write_eval_plots(str(run_dir), step, out)
+        print("plots: " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
