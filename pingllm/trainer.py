@@ -1,4 +1,5 @@
-"""The training loop: restore or initialise, then step, log, evaluate and save until done or told to stop."""
+"""The training loop: restore or initialise, then step, log, evaluate and save until done or
+told to stop."""
 
 from __future__ import annotations
 
@@ -375,7 +376,8 @@ def _log_window(writer, window, step, total, tokens_per_step, flops_per_step, pe
             "perf/mfu": steps_per_sec * flops_per_step / peak if peak > 0 else 0.0,
         })
     writer.scalars(step, values)
-    metrics_lib.log_progress(step, total, {k: values[k] for k in ("loss",) if k in values}, steps_per_sec)
+    shown = {k: values[k] for k in ("loss",) if k in values}
+    metrics_lib.log_progress(step, total, shown, steps_per_sec)
 
 
 def _run_eval(cfg, setup, state, writer, step):

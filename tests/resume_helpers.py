@@ -111,7 +111,8 @@ class Launch:
             self.rc = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"{self.name} did not finish in {timeout}s:\n{self.tail()}")
+            raise AssertionError(
+                f"{self.name} did not finish in {timeout}s:\n{self.tail()}") from None
         return self.rc
 
     def log(self, process: int = 0) -> str:

@@ -7,10 +7,8 @@ Independent runs start together: they are separate processes and the machine has
 """
 
 import shutil
-import signal
 
 import pytest
-
 import resume_helpers as rh
 
 N = 20  # the stop is requested once the run has reached step N ...

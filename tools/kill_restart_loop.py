@@ -198,7 +198,11 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
         if report.kills < kills:
             mode = modes[report.kills % len(modes)] if modes else rng.choice(MODES)
         before = progress_step(rdir)
-        started = lambda: progress_step(rdir) > max(before, expect[0] if expect else -1)  # noqa
+        floor = max(before, expect[0] if expect else -1)
+
+        def started(rdir=rdir, floor=floor) -> bool:  # training got past where it restarted
+            return progress_step(rdir) > floor
+
         hit = False
         if mode == "startup":
             time.sleep(rng.uniform(0.0, 20.0))
@@ -207,7 +211,7 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
             hit = _wait(job, started, 600) and (time.sleep(rng.uniform(0.0, 1.5)) or True)
             hit = hit and job.popen.poll() is None
         elif mode == "saving":
-            hit = _wait(job, started, 600) and _wait(job, lambda: saving_now(rdir), 60, 0.002)
+            hit = _wait(job, started, 600) and _wait(job, lambda d=rdir: saving_now(d), 60, 0.002)
             if hit:
                 time.sleep(rng.uniform(0.0, 0.05))
         in_save = saving_now(rdir)
@@ -218,7 +222,7 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
                 rc = job.popen.wait(60)
             except subprocess.TimeoutExpired:
                 job.kill_all()
-                raise CheckFailed(f"{job.log_dir}: the launcher left a process running")
+                raise CheckFailed(f"{job.log_dir}: the launcher left a process running") from None
             if rc in (0, 75):
                 raise CheckFailed(f"{job.log_dir}: job with a killed process exited {rc}")
         elif hit:
@@ -265,7 +269,7 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
             continue
 
         if rc != 0:
-            raise CheckFailed(f"{job.log_dir}: run exited {rc} without being killed:\n{log[-3000:]}")
+            raise CheckFailed(f"{job.log_dir}: exited {rc} without being killed:\n{log[-3000:]}")
         final = max(listed)
         state = read_state(rdir / "checkpoints" / str(final))
         if reference is not None and not states_equal(state, read_state(reference)):

@@ -187,21 +187,33 @@ class _ReadRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tokenize:
+class _TokenizeBatch:
+    """Grain batch_fn: one vectorised tokenize_windows call per batch (not one per window)."""
+
     seed: int
     max_length: int
 
-    def __call__(self, element) -> tokens.TokenizedWindow:
-        position, record = element
-        return tokens.tokenize_window(record, seed=self.seed, window_index=position,
-                                      max_length=self.max_length)
+    def __call__(self, elements) -> dict[str, np.ndarray]:
+        positions = [position for position, _ in elements]
+        records = [record for _, record in elements]
+        windows = tokens.tokenize_windows(records, seed=self.seed, window_indices=positions,
+                                          max_length=self.max_length)
+        return batch_from_tokens(windows.tokens, windows.fields, windows.lengths)
 
 
 def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarray]:
     """The batch dict of CONTRACTS.md from tokenized windows (rows in order)."""
-    tokens_BxL = np.stack([w.tokens for w in windows]).astype(np.int32)
-    fields_BxL = np.stack([w.fields for w in windows])
-    length_Bx1 = np.array([w.length for w in windows], np.int64)[:, None]
+    return batch_from_tokens(
+        np.stack([w.tokens for w in windows]),
+        np.stack([w.fields for w in windows]),
+        np.array([w.length for w in windows], np.int64),
+    )
+
+
+def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray]:
+    """inputs/targets/weights/segment_ids/fields from windows' tokens, field classes, lengths."""
+    tokens_BxL = np.asarray(tokens_BxL, np.int32)
+    length_Bx1 = np.asarray(lengths_B, np.int64)[:, None]
     position_L = np.arange(tokens_BxL.shape[1])
     targets = np.zeros_like(tokens_BxL)
     targets[:, :-1] = tokens_BxL[:, 1:]
@@ -223,8 +235,8 @@ def step_dataset(config: DataConfig, source, layout: Layout, start_step: int) ->
         grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size)
         .map(_Position(layout, start_step))
         .map(_ReadRecord(source, config.seed))
-        .map(_Tokenize(config.seed, config.max_target_length))
-        .batch(layout.local_batch_size, batch_fn=make_batch)
+        .batch(layout.local_batch_size,
+               batch_fn=_TokenizeBatch(config.seed, config.max_target_length))
     )
 
 
