@@ -6,8 +6,10 @@
 Writes a synthetic train-state checkpoint (`step`, `params`, `opt_state` holding `arrays` float32
 arrays of equal size, sharded over 8 CPU devices) with pingllm's Checkpointer in this process,
 then reshards it to another mesh (4 devices, fsdp=2 x tensor=2) with the CLI in a subprocess and
-reads the subprocess's peak RSS from `getrusage(RUSAGE_CHILDREN).ru_maxrss` (this process's own
-memory is not counted). Prints the figures and exits 1 when the peak exceeds the bound.
+reads that process's peak RSS: VmHWM of /proc/self/status, printed by the subprocess as it exits.
+(Not `getrusage(RUSAGE_CHILDREN)`: Python starts children with vfork, and the kernel carries the
+parent's high-water mark - here the 2 GB writer's - into the child's ru_maxrss at exec.) Prints
+the figures and exits 1 when the peak exceeds the bound.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
+
+
+# Runs the CLI in this interpreter, then reports this process's own peak RSS (VmHWM is per
+# address space: nothing of the parent's is in it).
+_MEASURED = """
+import runpy, sys
+tool = sys.argv[1]
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(tool, run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("VMHWM_KIB", line.split()[1], file=sys.stderr)
+sys.exit(code)
+"""
 
 
 class _Iterator:
@@ -82,16 +102,20 @@ def main() -> int:
         step_dir = work / "src" / "checkpoints" / "7"
         on_disk = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
         t = time.perf_counter()
+        from pingllm import planner
+
+        env = planner.fake_cpu_device_env(4, os.environ)  # so the CLI need not re-execute
         proc = subprocess.run(
-            [sys.executable, str(REPO / "tools" / "reshard_checkpoint.py"), "--input",
-             str(step_dir), "--output", str(work / "dst"), "--mesh", "fsdp=2,tensor=2",
+            [sys.executable, "-c", _MEASURED, str(REPO / "tools" / "reshard_checkpoint.py"),
+             "--input", str(step_dir), "--output", str(work / "dst"), "--mesh", "fsdp=2,tensor=2",
              "--num_devices", "4", "--max_buffer_mb", str(args.max_buffer_mb), "--json"],
-            capture_output=True, text=True)
+            capture_output=True, text=True, env=env)
         reshard_s = time.perf_counter() - t
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
             return 2
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        hwm = [line for line in proc.stderr.splitlines() if line.startswith("VMHWM_KIB ")]
+        peak = int(hwm[-1].split()[1]) * 1024
         bound = 2 * largest + int(args.slack_mb * 2**20)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         report = {

@@ -277,8 +277,8 @@ def eval_rtt_metrics(cfg, params, *, max_queries: int = 64, seed: int = 0) -> di
     """RTT metrics for the trainer's periodic eval: {'rtt/<method>/<metric>': value}.
 
     The model (train context) and the baselines on the same max_queries held-out queries;
-    baselines are fitted once per data config (cached). Call it on every process: params may
-    be sharded; the prediction rows are replicated, so every process gets the same numbers.
+    baselines are fitted once per data config (cached). Params may be sharded over this
+    process's devices; single-process runs only (the prompts are host arrays).
     """
     fitted, test_records, held = _fitted_baselines(cfg.data, max_queries, seed)
     predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data, seed=cfg.data.seed)

@@ -423,30 +423,31 @@ def read_rows(path: str | os.PathLike) -> pa.Table:
         table, _ = ripe_atlas.import_files([p])
         return table
     table = read_table(p)
-    missing = [c for c in ("src_addr", "dst_addr", "event_time", "rtt") if c not in table.names]
+    needed = ("src_addr", "dst_addr", "event_time", "rtt")
+    missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise PredictionError(f"{p}: context rows lack column(s) {', '.join(missing)}")
     n = len(table)
-    if "ip_version" not in table.names:
+    if "ip_version" not in table.column_names:
         _, versions = schema.parse_addresses(table["src_addr"].to_pylist())
         table = table.append_column("ip_version", pa.array(versions, pa.int8()))
     for name, default in (("msm_id", -1), ("prb_id", -1)):
-        if name not in table.names:
+        if name not in table.column_names:
             table = table.append_column(name, pa.array(np.full(n, default), pa.int64()))
     times = [parse_time(v) for v in table["event_time"].to_pylist()]
-    table = table.set_column(table.names.index("event_time"), "event_time",
+    table = table.set_column(table.column_names.index("event_time"), "event_time",
                              pa.array(np.asarray(times, np.int64) * 1_000_000, pa.int64())
                              .cast(pa.timestamp("us", tz="UTC")))
     return table.select(schema.ROW_SCHEMA.names).cast(schema.ROW_SCHEMA)
 
 
 def queries_from_table(table: pa.Table) -> list[Query]:
-    missing = [c for c in ("src_addr", "dst_addr") if c not in table.names]
+    missing = [c for c in ("src_addr", "dst_addr") if c not in table.column_names]
     if missing:
         raise PredictionError(f"pairs file lacks column(s) {', '.join(missing)} "
-                              f"(has {', '.join(table.names)})")
+                              f"(has {', '.join(table.column_names)})")
     src, dst = table["src_addr"].to_pylist(), table["dst_addr"].to_pylist()
-    times = (table["event_time"].to_pylist() if "event_time" in table.names
+    times = (table["event_time"].to_pylist() if "event_time" in table.column_names
              else [None] * len(src))
     out = []
     for row, (s, d, t) in enumerate(zip(src, dst, times)):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
+import orbax.checkpoint as ocp
 
 from pingllm import checkpointing, partitioning, preemption
 from pingllm import config as config_lib
@@ -41,12 +41,25 @@ class Setup:
     state_shardings: Any
     train_step: Callable
     eval_step: Callable
+    compiled_eval: Any = None  # eval_step compiled at the first evaluation
 
 
 def _write_config(run_dir: epath.Path) -> None:
     if jax.process_index() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.gin").write_text(config_lib.config_str())
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """A barrier in JAX's coordination service, not a device collective.
+
+    Every program's first cross-process collective sets up a gloo context that gives up after
+    30 s (CPU jobs), so a process that arrives late - still compiling (the persistent cache can
+    serve one process and not another), building the dataset - crashes its peers. Processes wait
+    here, with a long timeout, before such a first collective.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
 def _enable_compilation_cache(path: str) -> None:
@@ -80,7 +93,11 @@ def evaluate(setup: Setup, params, batches: Iterable[dict[str, np.ndarray]]) -> 
     """Token-weighted means over the eval batches (eval_step returns sums)."""
     totals: dict[str, float] = {}
     for local_batch in batches:
-        sums = jax.device_get(setup.eval_step(params, global_batch(setup, local_batch)))
+        batch = global_batch(setup, local_batch)
+        if setup.compiled_eval is None:
+            setup.compiled_eval = setup.eval_step.lower(params, batch).compile()
+            wait_for_all_processes("pingllm_eval_compiled")
+        sums = jax.device_get(setup.compiled_eval(params, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     return {k: float(v) for k, v in step_lib.means_from_sums(totals).items()}
@@ -124,8 +141,7 @@ def _train(cfg, run_dir, stop, writer, started) -> int:
     t = time.perf_counter()
     if jax.process_index() == 0:
         pipeline.prepare(cfg.data)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("pingllm:data_prepared")
+    wait_for_all_processes("pingllm_data_prepared", timeout_s=4 * 3600)  # may build the data
     data_prepare_s = time.perf_counter() - t
 
     checkpointer = checkpointing.Checkpointer(cfg.checkpoint, str(run_dir))
@@ -168,7 +184,10 @@ def tree_fingerprint(tree) -> str:
     Logged after a restore so a test (or a person) can check the restored parameters against the
     checkpoint on disk; tests/resume_helpers.py recomputes it with NumPy.
     """
-    per_leaf = jax.jit(lambda t: [_leaf_fingerprint(x) for x in jax.tree.leaves(t)])(tree)
+    compiled = jax.jit(lambda t: [_leaf_fingerprint(x) for x in jax.tree.leaves(t)]).lower(
+        tree).compile()
+    wait_for_all_processes("pingllm_fingerprint_compiled")
+    per_leaf = compiled(tree)
     words = np.asarray([int(v) for v in jax.device_get(per_leaf)], dtype="<u4")
     return hashlib.sha256(words.tobytes()).hexdigest()[:16]
 
@@ -279,6 +298,7 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
     # Lowered from the abstract state: a fresh and a restored state then share one compiled
     # program (and one persistent-cache entry; concrete arrays carry layouts into the key).
     train_step = setup.train_step.lower(setup.abstract_state, batch, dropout_key).compile()
+    wait_for_all_processes("pingllm_train_step_compiled")
     compile_s = time.perf_counter() - t
 
     tokens_per_step = cfg.data.global_batch_size * cfg.model.max_target_length

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from pingllm import evaluate
-
 # The session fixtures of test_predict.py: one tiny training run serves both files.
 from test_predict import tiny_run  # noqa: F401
+
+from pingllm import evaluate
 
 
 def test_rtt_metrics_exact_values():
@@ -84,3 +84,28 @@ def test_cli_end_to_end(tiny_run, tmp_path, capsys):  # noqa: F811
     assert events
     blob = b"".join(open(os.path.join(tiny_run, "tensorboard", f), "rb").read() for f in events)
     assert b"eval/pred_vs_true" in blob and b"eval/calibration" in blob
+
+
+def test_eval_rtt_metrics_for_the_trainer_with_sharded_params(tiny_run):  # noqa: F811
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from pingllm import predict
+
+    cfg, params, _ = predict.load_checkpoint(tiny_run)
+    mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+    # Shard every matrix's leading axis over the devices when it divides, as the trainer might.
+    def place(x):
+        spec = PartitionSpec("fsdp") if x.ndim >= 2 and x.shape[0] % len(jax.devices()) == 0 \
+            else PartitionSpec()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    sharded = jax.tree.map(place, params)
+    got = evaluate.eval_rtt_metrics(cfg, sharded, max_queries=8)
+    again = evaluate.eval_rtt_metrics(cfg, params, max_queries=8)
+    assert set(got) == {f"rtt/{m}/{k}" for m in ("model", "vivaldi", "per_destination_median")
+                        for k in ("median_relative_error", "median_abs_error_ms",
+                                  "within_25pct", "p_fail_brier")}
+    assert got["rtt/vivaldi/median_relative_error"] == again["rtt/vivaldi/median_relative_error"]
+    assert got["rtt/model/median_relative_error"] == pytest.approx(
+        again["rtt/model/median_relative_error"], rel=1e-3)
