@@ -27,6 +27,16 @@ TOOL = REPO / "tools" / "inspect_checkpoints.py"
 pytestmark = pytest.mark.slow
 
 
+def named(tree) -> dict[str, np.ndarray]:
+    """{Orbax leaf name ('params.layers.mlp.wo.kernel'): value as NumPy}."""
+    import jax
+
+    from pingllm.reshard import leaf_name
+
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {leaf_name(p): np.asarray(v) for p, v in leaves}
+
+
 def tool(*args, check=True) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -141,7 +151,7 @@ def test_detail_lists_every_array(base):
     out, _ = base
     step_dir = out / "clean" / "checkpoints" / "4"
     detail = json.loads(tool(out, "--run", "clean", "--step", "4", "--json").stdout)
-    state = rh.flat(rh.read_state(step_dir))  # plain Orbax, every leaf as NumPy
+    state = named(rh.read_state(step_dir))  # plain Orbax, every leaf as NumPy
     arrays = {a["name"]: a for a in detail["arrays"]}
     assert set(arrays) == set(state)
     for name, value in state.items():

@@ -6,6 +6,7 @@ stops the other), during start-up - then a run to the end, bit-equal to an unint
 """
 
 import importlib.util
+import sys
 
 import pytest
 import resume_helpers as rh
@@ -19,6 +20,7 @@ def _tool():
     spec = importlib.util.spec_from_file_location(
         "kill_restart_loop", rh.REPO / "tools" / "kill_restart_loop.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
