@@ -58,7 +58,7 @@ class _Iterator:
 
 
 def write_state(run_dir: Path, total_bytes: int, arrays: int) -> int:
-    """Saves a state of `arrays` equal float32 arrays totalling ~total_bytes; returns the largest."""
+    """Saves `arrays` equal float32 arrays totalling ~total_bytes; returns one array's bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np

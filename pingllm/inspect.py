@@ -1,4 +1,4 @@
-"""What is on disk: runs, their checkpoints (size, files, status, creation time), one step in detail.
+"""What is on disk: runs, their checkpoints (size, files, status, creation time), one step.
 
 Paths go through etils `epath`, so a bucket works like a local directory. A step's status:
 'complete' (committed and, when it carries checksums, every byte matches), 'incomplete' (the
@@ -358,7 +358,8 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, r in enumerate(rows):
-        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths))]
         out.append("  " + " | ".join(cells).rstrip())
         if n == 0:
             out.append("  " + "-+-".join("-" * w for w in widths))

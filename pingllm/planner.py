@@ -30,7 +30,7 @@ DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
 def fake_cpu_device_env(num_devices: int, base_env: Mapping[str, str]) -> dict[str, str]:
-    """`base_env` with CPU-only JAX and exactly `num_devices` host devices (set before jax starts)."""
+    """`base_env` with CPU-only JAX and exactly `num_devices` host devices."""
     env = dict(base_env)
     flags = re.sub(rf"{DEVICE_COUNT_FLAG}=\S*", "", env.get("XLA_FLAGS", "")).split()
     env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={num_devices}"])

@@ -4,7 +4,7 @@ Only a bounded group of leaves is ever in memory: the output is one ordinary Orb
 leaves are `_Deferred` placeholders; their type handler loads each group from the input (an
 Orbax partial restore onto the target shardings, casting the dtype), hands it to Orbax's own
 `ArrayHandler.serialize`, waits for the write and drops it before the next group. So the result
-is byte-for-byte the layout the trainer writes (`items/` OCDBT, `_sharding` of the target mesh,
+is the same layout the trainer writes (`items/` OCDBT, `_sharding` of the target mesh,
 `array_metadatas/`, `_METADATA`, `_CHECKPOINT_METADATA`, checksums), and peak memory is about
 twice the largest group (the array plus Orbax's host copy) instead of the whole state.
 """
@@ -44,7 +44,7 @@ class ReshardError(ValueError):
 class LeafPlan:
     """One array of the output: where it comes from and what it becomes."""
 
-    name: str  # output name, e.g. 'params.layers.mlp.wo.kernel' ('layers.mlp.wo.kernel' params-only)
+    name: str  # output name: 'params.layers.mlp.wo.kernel' ('layers.mlp.wo.kernel' params-only)
     source_name: str
     shape: tuple[int, ...]
     source_dtype: np.dtype
@@ -102,19 +102,9 @@ def saved_partition_spec(meta: Any) -> PartitionSpec:
     return PartitionSpec(*[tuple(s) if isinstance(s, list) else s for s in spec])
 
 
-def saved_mesh(meta: Any) -> dict[str, int] | None:
-    """{axis: size} of the mesh that wrote a leaf, when recorded."""
-    sharding = getattr(meta, "sharding", None)
-    names = getattr(sharding, "axis_names", None)
-    shape = getattr(sharding, "shape", None)
-    if names is None or shape is None:
-        return None
-    return {str(n): int(s) for n, s in zip(names, np.asarray(shape).tolist())}
-
-
-def mesh_axis_sizes(spec_entry: Any, mesh: Mesh) -> tuple[tuple[str, ...], int]:
-    axes = spec_entry if isinstance(spec_entry, tuple) else (spec_entry,)
-    return axes, math.prod(mesh.shape[a] for a in axes)
+def spec_axes(entry: Any) -> tuple[str, ...]:
+    """Mesh axes of one PartitionSpec entry ('fsdp' or ('data', 'fsdp'))."""
+    return entry if isinstance(entry, tuple) else (entry,)
 
 
 def indivisible(name: str, shape: Sequence[int], sharding: NamedSharding) -> list[str]:
@@ -126,7 +116,8 @@ def indivisible(name: str, shape: Sequence[int], sharding: NamedSharding) -> lis
     for dim, entry in enumerate(spec):
         if entry is None:
             continue
-        axes, n = mesh_axis_sizes(entry, sharding.mesh)
+        axes = spec_axes(entry)
+        n = math.prod(sharding.mesh.shape[a] for a in axes)
         if shape[dim] % n:
             problems.append(f"{name}: dim {dim} of size {shape[dim]} is not divisible by mesh "
                             f"axes {'x'.join(axes)} = {n}")
@@ -145,17 +136,12 @@ def shardings_from_saved_specs(stored: Mapping[str, Any], mesh: Mesh) -> dict[st
     out = {}
     for name, meta in stored.items():
         spec = saved_partition_spec(meta)
-        unknown = [a for e in spec if e is not None for a in mesh_axis_sizes_names(e)
-                   if a not in mesh.shape]
+        unknown = [a for e in spec if e is not None for a in spec_axes(e) if a not in mesh.shape]
         if unknown:
             raise ReshardError(f"{name}: saved partition spec {spec} names mesh axes {unknown} "
                                f"that the target mesh {dict(mesh.shape)} lacks")
         out[name] = NamedSharding(mesh, spec)
     return out
-
-
-def mesh_axis_sizes_names(entry: Any) -> tuple[str, ...]:
-    return entry if isinstance(entry, tuple) else (entry,)
 
 
 def plan_leaves(
@@ -334,7 +320,7 @@ class FilesSave(ocp.args.CheckpointArgs):
 
 
 def output_step_dir(output: epath.Path, step: int) -> epath.Path:
-    """`output` itself when it is a step directory (numeric name), else `<run>/checkpoints/<step>`."""
+    """`output` when it is a step directory (numeric name), else `<run>/checkpoints/<step>`."""
     if output.name.isdigit():
         return output
     return output / "checkpoints" / str(step)

@@ -38,6 +38,7 @@ TINY = (
     # Warmup > STEPS: the learning rate grows every step, so every step changes the weights.
     "LEARNING_RATE = 1e-2",
     "WARMUP_STEPS = 100",
+    "LEARNING_RATE_SCHEDULE_STEPS = 1000",
 )
 
 

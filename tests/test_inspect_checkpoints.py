@@ -100,7 +100,8 @@ def test_listing_statuses_sizes_and_totals(base):
     out, tmp = base
     report = json.loads(tool(out, "--json").stdout)
     runs = {r["name"]: r for r in report["runs"]}
-    status = {name: {(st["step"], Path(st["path"]).name): st["status"] for st in runs[name]["steps"]}
+    status = {name: {(st["step"], Path(st["path"]).name): st["status"]
+                     for st in runs[name]["steps"]}
               for name in ("clean", "flipped", "killed")}
     assert status["clean"] == {(2, "2"): "complete", (4, "4"): "complete"}
     assert status["flipped"] == {(2, "2"): "corrupt", (4, "4"): "complete"}

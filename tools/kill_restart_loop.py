@@ -39,6 +39,7 @@ TINY = (
     "ModelConfig.head_dim = 16", "ModelConfig.mlp_dim = 64", "ModelConfig.dropout_rate = 0.1",
     "MAX_TARGET_LENGTH = 64", "GLOBAL_BATCH_SIZE = 8", "DataConfig.synthetic_rows = 20000",
     "LOG_PERIOD = 1", "EVAL_INTERVAL = 0", "LEARNING_RATE = 1e-2", "WARMUP_STEPS = 100",
+    "LEARNING_RATE_SCHEDULE_STEPS = 1000",
 )
 # Every step is kept (a kill must never lose one) and saves are frequent (kills hit them).
 CHAOS = ("MAX_NUM_CHECKPOINTS_TO_KEEP = None", "StopConfig.check_every_steps = 2")
@@ -188,7 +189,8 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
     episode, cycle = 0, 0
     name = f"chaos{episode}"
     ever: set[int] = set()
-    expect: tuple[int, int] | None = None  # (restore step, steps lost) the next start must report
+    # (step to restore, 0 = none; steps lost) that the next start must report.
+    expect: tuple[int, int] | None = None
     while True:
         rdir = run_dir(name)
         args = [f"--gin_file={gin_file}", *(f"--gin_bindings={b}" for b in bindings(name))]
@@ -233,14 +235,19 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
 
         # What this start reported about its restore (when it got that far).
         m = RESTORED.search(log)
-        if expect is not None and m:
+        fresh = "no checkpoint: initialising" in log
+        if expect is not None and (m or fresh):
             step, lost = expect
-            if int(m.group(1)) != step:
-                raise CheckFailed(f"{job.log_dir}: restored step {m.group(1)}, newest listed "
-                                  f"was {step}")
-            want = fingerprint(read_state(rdir / "checkpoints" / str(step))["params"])
-            if m.group(3) != want:
-                raise CheckFailed(f"{job.log_dir}: restored params {m.group(3)} != saved {want}")
+            if step == 0 and not fresh:  # killed before the first commit: nothing to restore
+                raise CheckFailed(f"{job.log_dir}: restored {m.group(1)}, nothing was listed")
+            if step > 0 and (fresh or int(m.group(1)) != step):
+                raise CheckFailed(f"{job.log_dir}: restored {m and m.group(1)} (fresh: {fresh}),"
+                                  f" newest listed was {step}")
+            if step > 0:
+                want = fingerprint(read_state(rdir / "checkpoints" / str(step))["params"])
+                if m.group(3) != want:
+                    raise CheckFailed(f"{job.log_dir}: restored params {m.group(3)} != "
+                                      f"saved {want}")
             got_lost = LOST.search(log)
             if got_lost and int(got_lost.group(1)) != lost:
                 raise CheckFailed(f"{job.log_dir}: steps lost {got_lost.group(1)} != {lost}")
@@ -260,9 +267,9 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
             report.kills += 1
             report.by_mode[mode] += 1
             report.during_save += in_save
-            newest = max(listed, default=0)
-            lost = max(0, progress_step(rdir) - newest) if listed else 0
-            expect = (newest, lost) if listed else None
+            newest = max(listed, default=0)  # 0: the restart must start fresh
+            lost = max(0, progress_step(rdir) - newest)
+            expect = (newest, lost)
             say(f"kill {report.kills:3d} [{mode:11s}] {'in save ' if in_save else ''}"
                 f"progress {progress_step(rdir)} listed {sorted(listed)[-4:]} "
                 f"-> restart must restore {newest}, lose {lost} ({time.monotonic() - t0:.0f}s)")
