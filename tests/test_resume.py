@@ -25,7 +25,7 @@ def _copy_checkpoints(s, source: str, name: str) -> None:
 
 
 def _flip_byte(step_dir) -> tuple:
-    """Flips one byte in the middle of the largest array-data file; returns (path, offset)."""
+    """Flips one byte in the middle of the largest array-data file: (path, offset, new byte)."""
     files = [p for p in (step_dir / "items").rglob("*") if p.is_file() and "/d/" in str(p)]
     path = max(files, key=lambda p: p.stat().st_size)
     data = bytearray(path.read_bytes())

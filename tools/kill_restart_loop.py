@@ -11,7 +11,9 @@ must then stop the other) - and checks:
   - the restart reports the steps lost since that save (progress at the kill - saved step);
   - a run that reaches STEPS ends with parameters bit-equal to an uninterrupted run's, and
     every step ever listed still restores with plain Orbax.
-Prints one line per kill and a summary; exit 0 iff every check held.
+Prints one line per kill and a summary; exit 0 iff every check held. Every restart imports the
+code afresh: while others edit the tree, run it from a frozen copy
+(`git archive HEAD | tar -x -C /tmp/snap && cd /tmp/snap && python tools/kill_restart_loop.py`).
 """
 
 from __future__ import annotations
@@ -105,12 +107,19 @@ def committed(run_dir: Path) -> dict[int, list[str]]:
             if i.status != "incomplete"}
 
 
-def saving_now(run_dir: Path) -> bool:
-    root = run_dir / "checkpoints"
+def unfinished_saves(run_dir: Path) -> set[tuple[str, int, int]]:
+    """(name, inode, ctime) of `<step>.orbax-checkpoint-tmp` directories: saves in flight, or
+    left by a kill. Orbax reuses the name for the same step, the inode and ctime tell them apart.
+    """
+    out = set()
     try:
-        return any(".orbax-checkpoint-tmp" in p.name for p in root.iterdir())
-    except OSError:
-        return False
+        for p in (run_dir / "checkpoints").iterdir():
+            if ".orbax-checkpoint-tmp" in p.name:
+                st = p.stat()
+                out.add((p.name, st.st_ino, st.st_ctime_ns))
+    except OSError:  # listed, then removed or renamed
+        pass
+    return out
 
 
 @dataclasses.dataclass
@@ -200,6 +209,11 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
         if report.kills < kills:
             mode = modes[report.kills % len(modes)] if modes else rng.choice(MODES)
         before = progress_step(rdir)
+        stale = unfinished_saves(rdir)  # left by the last kill; this start removes them
+
+        def saving_now(rdir=rdir, stale=stale) -> bool:  # a save of this start is in flight
+            return bool(unfinished_saves(rdir) - stale)
+
         floor = max(before, expect[0] if expect else -1)
 
         def started(rdir=rdir, floor=floor) -> bool:  # training got past where it restarted
@@ -213,10 +227,10 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
             hit = _wait(job, started, 600) and (time.sleep(rng.uniform(0.0, 1.5)) or True)
             hit = hit and job.popen.poll() is None
         elif mode == "saving":
-            hit = _wait(job, started, 600) and _wait(job, lambda d=rdir: saving_now(d), 60, 0.002)
+            hit = _wait(job, started, 600) and _wait(job, saving_now, 60, 0.002)
             if hit:
                 time.sleep(rng.uniform(0.0, 0.05))
-        in_save = saving_now(rdir)
+        in_save = saving_now()
         if hit and mode == "one_process":
             victims = job.trainers()
             os.kill(rng.choice(victims), signal.SIGKILL)
@@ -280,8 +294,12 @@ def run_loop(*, kills: int, bindings, run_dir, gin_file: str, reference: Path | 
         final = max(listed)
         state = read_state(rdir / "checkpoints" / str(final))
         if reference is not None and not states_equal(state, read_state(reference)):
+            first = next((k for k in sorted(ever) if (reference.parent / str(k)).is_dir() and
+                          not states_equal(read_state(rdir / "checkpoints" / str(k)),
+                                           read_state(reference.parent / str(k)))), None)
             raise CheckFailed(f"{name}: final state at step {final} differs from the "
-                              f"uninterrupted run's {reference}")
+                              f"uninterrupted run's {reference}; first differing step: {first} "
+                              "(the code changed under the loop? run it from a frozen copy)")
         for step in sorted(ever):  # every committed step still restores
             read_state(rdir / "checkpoints" / str(step))
         report.steps_verified += len(ever)
