@@ -256,10 +256,11 @@ def run_step_only(size: dict, args, n_steps: int) -> dict:
         sys.exit(f"step-only run failed:\n{out.stderr[-3000:]}")
     r = json.loads(line[0][len("RESULT "):])
     tokens = size["batch"] * size["seq"]
-    # Other processes' CPU over the whole subprocess (its own start-up CPU is not subtracted).
+    # All processes' CPU (this one included) over the subprocess's life, in cores.
     busy = (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK")
-    return dict(busy_cores=busy / wall, step_s=st.median(steady(r["times"])), cpu_s=st.median(steady(r["cpus"])),
-                tok_s=tokens / st.median(steady(r["times"])), wall=wall,
+    return dict(busy_cores=busy / wall, step_s=st.median(steady(r["times"])),
+                cpu_s=st.median(steady(r["cpus"])), tok_s=tokens / st.median(steady(r["times"])),
+                wall=wall,
                 times=[round(t, 4) for t in r["times"]])
 
 
