@@ -318,7 +318,8 @@ def main() -> None:
     p.add_argument("--dataset_path", default="/tmp/pingllm_bench/tfds")
     p.add_argument("--peer_venv", default="", help="VENV for run_peer.sh (default: its own)")
     p.add_argument("--warm_cache", action="store_true",
-                   help="both use a persistent compilation cache (the first round fills it)")
+                   help="both use a persistent compilation cache, filled by an extra first "
+                        "round that is left out of the summary")
     p.add_argument("--step_only_steps", type=int, default=12)
     p.add_argument("--pingllm_binding", action="append", default=[],
                    help="extra gin binding for pingllm runs (repeatable)")
@@ -332,11 +333,13 @@ def main() -> None:
     matmul = [measure_matmul()]
     results: dict[int, dict[str, list]] = {s: {"pingllm": [], "maxtext": []} for s in sizes}
     step_only: dict[int, list] = {s: [] for s in sizes}
-    for r in range(args.rounds):
+    first_round = -1 if args.warm_cache else 0
+    for r in range(first_round, args.rounds):
         for s in sizes:
             for who, fn in (("pingllm", run_pingllm), ("maxtext", run_maxtext)):
                 res = fn(SIZES[s], args, f"{who}_s{s}_r{r}")
-                results[s][who].append(res)
+                if r >= 0:
+                    results[s][who].append(res)
                 print(f"size {s} round {r} {who:8s} rc {res['rc']} ttfs "
                       f"{fmt(res['first'] and res['first']['ttfs'], '.1f')} s, tok/s median "
                       f"{fmt(res['tok_s_median'])}, span {fmt(res['tok_s_span'])}, wall "
@@ -349,6 +352,8 @@ def main() -> None:
                           f"data {f['data']:.2f}, restore/init {f['restore']:.2f}, first batch "
                           f"{f['first_batch']:.2f}, compile {f['compile']:.2f}; interpreter + "
                           f"imports + build {f['ttfs'] - f['own_ttfs']:.2f} s", flush=True)
+            if r < 0:
+                continue
             so = run_step_only(SIZES[s], args, args.step_only_steps)
             step_only[s].append(so)
             print(f"size {s} round {r} pingllm step-only: median {so['step_s']:.4f} s/step "
