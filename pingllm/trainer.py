@@ -13,9 +13,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-import orbax.checkpoint as ocp
 
 from pingllm import checkpointing, partitioning, preemption
 from pingllm import config as config_lib
