@@ -4,6 +4,9 @@
     .venv/bin/python benchmarks/bench_vs_maxtext.py --sizes 1 --rounds 3
 
 Needs the peer installed once: /work/shared/peers/maxtext/setup_peer.sh (PY312=<python3.12>).
+pingllm runs its CPU configuration: scanned layers with the scan fully unrolled
+(ModelConfig.scan_unroll = num_layers; `--pingllm_binding ModelConfig.scan_unroll=1` for the
+plain loop). MaxText runs the peer's own config (scan_layers true, remat minimal_with_context).
 Each round runs pingllm then MaxText (run_peer.sh, FRESH=1) for each size, so slow drift in the
 machine's load hits both alike. Both are launched by this script and measured the same way:
 
@@ -153,7 +156,8 @@ def run_pingllm(size: dict, args, tag: str) -> dict:
         f"ModelConfig.num_layers={size['layers']}", f"ModelConfig.emb_dim={size['emb']}",
         f"ModelConfig.num_heads={size['heads']}", f"ModelConfig.head_dim={size['head_dim']}",
         f"ModelConfig.mlp_dim={size['mlp']}", f"ModelConfig.dropout_rate={DROPOUT}",
-        'ModelConfig.dtype="bfloat16"', f"MAX_TARGET_LENGTH={size['seq']}",
+        'ModelConfig.dtype="bfloat16"', f"ModelConfig.scan_unroll={size['layers']}",
+        f"MAX_TARGET_LENGTH={size['seq']}",
         f"GLOBAL_BATCH_SIZE={size['batch']}", f"STEPS={size['steps']}", "LOG_PERIOD=1",
         f"CHECKPOINT_PERIOD={CHECKPOINT_PERIOD}", "EVAL_INTERVAL=0",
         f'BASE_OUTPUT_DIRECTORY="{out}"', f'DATASET_PATH="{args.dataset_path}"',
@@ -244,7 +248,8 @@ def run_step_only(size: dict, args, n_steps: int) -> dict:
         f"ModelConfig.num_layers={size['layers']}", f"ModelConfig.emb_dim={size['emb']}",
         f"ModelConfig.num_heads={size['heads']}", f"ModelConfig.head_dim={size['head_dim']}",
         f"ModelConfig.mlp_dim={size['mlp']}", f"ModelConfig.dropout_rate={DROPOUT}",
-        'ModelConfig.dtype="bfloat16"', f"MAX_TARGET_LENGTH={size['seq']}",
+        'ModelConfig.dtype="bfloat16"', f"ModelConfig.scan_unroll={size['layers']}",
+        f"MAX_TARGET_LENGTH={size['seq']}",
         f"GLOBAL_BATCH_SIZE={size['batch']}", "EVAL_INTERVAL=0", *args.pingllm_binding,
     ]
     b0, t0 = busy_jiffies(), time.time()

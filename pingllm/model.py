@@ -52,8 +52,9 @@ class ModelConfig:
     rope_max_timescale: float = 10_000.0
     scan_layers: bool = True
     # Layers per iteration of the scan's loop; >= num_layers unrolls it fully (no while loop,
-    # no stacked-residual buffers, same stacked parameters and checkpoints). On CPU, 2-4 layers
-    # fully unrolled step ~10-15% faster and compile faster; compile time grows with depth.
+    # no stacked-residual buffers, same stacked parameters and checkpoints). On 2 CPU cores a
+    # 2-layer model stepped 11% faster and compiled 22% faster fully unrolled
+    # (docs/performance.md); compile time grows with depth, so keep 1 for deep models.
     scan_unroll: int = 1
     remat_policy: str = "none"  # one of REMAT_POLICIES
     # 'dot_product': XLA everywhere; 'cudnn_flash': cuDNN fused attention (GPU only);
@@ -184,26 +185,13 @@ def attend(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implementation: str
     """Causal self-attention that never lets real tokens see padding."""
     if implementation == "cudnn":
         return attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, "cudnn")
-    return attend_xla(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, attention_mask(segment_ids_BxL))
-
-
-def attend_xla(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, mask_Bx1xLxL):
-    """Masked softmax attention as plain XLA ops: f32 scores and softmax, compute-dtype values.
-
-    Same math as `jax.nn.dot_product_attention(implementation="xla")`, with less elementwise
-    work around it: the 1/sqrt(H) scale multiplies q (BxLxNxH) rather than the BxNxLxL scores,
-    and the mask is broadcast over heads inside the select instead of materialised per head.
-    """
-    dtype = q_BxLxNxH.dtype
-    scale = jnp.asarray(q_BxLxNxH.shape[-1] ** -0.5, dtype)
-    scores_BxNxLxL = jnp.einsum(
-        "bqnh,bknh->bnqk", q_BxLxNxH * scale, k_BxLxNxH, preferred_element_type=jnp.float32
+    return jax.nn.dot_product_attention(
+        q_BxLxNxH,
+        k_BxLxNxH,
+        v_BxLxNxH,
+        mask=attention_mask(segment_ids_BxL),
+        implementation=implementation,
     )
-    # Same fill value as jax.nn.dot_product_attention: masked entries get exactly 0 probability.
-    fill = jnp.finfo(jnp.float32).min * 0.7
-    scores_BxNxLxL = jnp.where(mask_Bx1xLxL, scores_BxNxLxL, fill)
-    probs_BxNxLxL = jax.nn.softmax(scores_BxNxLxL, axis=-1).astype(dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", probs_BxNxLxL, v_BxLxNxH.astype(dtype))
 
 
 def attend_by_lengths(q_BxLxNxH, k_BxLxNxH, v_BxLxNxH, segment_ids_BxL, implementation: str):
@@ -329,8 +317,8 @@ class Transformer(nn.Module):
             one_hot_BxLxV = jax.nn.one_hot(inputs_BxL, cfg.padded_vocab_size, dtype=dtype)
             x_BxLxD = jnp.einsum("blv,vd->bld", one_hot_BxLxV, table_VxD.astype(dtype))
         else:
-            # A gather: the one-hot matmul (and its gradient) cost ~6% of a small model's step
-            # on CPU (2x128 wide, 267 ids), and nothing is partitioned over the vocabulary.
+            # A gather when nothing is partitioned over the vocabulary: on CPU the one-hot
+            # matmul and its gradient made a 2x128 model's step 3.5% slower.
             x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(dtype)
         x_BxLxD = nn.Dropout(rate=cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
