@@ -1,5 +1,6 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
-#   make quickstart   create .venv, install pingllm, train gin/quickstart.gin on the built-in synthetic Internet
+#   make quickstart   create .venv, install pingllm, train gin/quickstart.gin on the built-in synthetic
+#                     Internet, then evaluate it against the baselines on held-out pairs
 #   make test         create .venv, install pingllm with test extras, run the whole test suite
 PYTHON ?= python3.11
 VENV ?= .venv
@@ -16,8 +17,14 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+QUICKSTART_RUN ?= /tmp/pingllm_quickstart/outputs/quickstart
+
+# Train (resumes if interrupted; exits 0 at once when already complete), then print the
+# held-out table of the model against the baselines (docs/evaluation.md).
 quickstart: $(STAMP)
 	$(PY) -m pingllm.main --gin_file=gin/quickstart.gin $(ARGS)
+	$(PY) -m pingllm.evaluate --checkpoint $(QUICKSTART_RUN) --max_queries 300 \
+		--output_json $(QUICKSTART_RUN)/eval/metrics.json
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

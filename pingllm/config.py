@@ -34,6 +34,9 @@ class RunConfig:
     log_period: int = 100
     eval_interval: int = 1_000  # <= 0 disables periodic eval
     eval_steps: int = 10
+    # Held-out queries whose RTT the model predicts at each eval (eval/rtt/... metrics, next to
+    # the baselines'); 0 disables. Single-process runs only.
+    eval_rtt_queries: int = 64
     seed: int = 0
     # Host<->device transfer guard inside the loop ("disallow" catches accidental copies).
     transfer_guard: str = "disallow"

@@ -12,7 +12,8 @@ NO_DECAY_NAMES = ("scale", "bias")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW hyperparameters; the schedule is in absolute optimizer steps."""
+    """AdamW hyperparameters (and the objective's one token weight); the schedule is in absolute
+    optimizer steps."""
 
     peak_learning_rate: float = 3e-4
     warmup_steps: int = 2000
@@ -23,6 +24,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.01
     grad_clip_norm: float = 1.0  # 0 disables clipping
+    # Loss weight of result tokens whose destination is new to the window (1 = plain mean): the
+    # tokens a never-seen pair's prediction rests on; the rest are mostly copies of earlier pings.
+    novel_result_weight: float = 1.0
 
     def __post_init__(self):
         if self.warmup_steps < 0 or self.decay_end_step < self.warmup_steps:
@@ -30,6 +34,9 @@ class OptimizerConfig:
                 f"OptimizerConfig: need 0 <= warmup_steps ({self.warmup_steps}) <= "
                 f"decay_end_step ({self.decay_end_step})"
             )
+        if self.novel_result_weight <= 0:
+            raise ValueError(f"OptimizerConfig: novel_result_weight={self.novel_result_weight} "
+                             "must be > 0")
         if self.grad_clip_norm < 0:
             raise ValueError(f"OptimizerConfig: grad_clip_norm={self.grad_clip_norm} must be >= 0")
 

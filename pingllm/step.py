@@ -44,7 +44,21 @@ def loss_sums(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
         group_weights_BxL = weights_BxL * in_group_BxL
         sums[f"loss_sum/{name}"] = jnp.sum(ce_BxL * group_weights_BxL)
         sums[f"tokens/{name}"] = jnp.sum(group_weights_BxL)
+    if "novel_result" in batch:
+        novel_BxL = weights_BxL * batch["novel_result"].astype(jnp.float32)
+        sums["loss_sum/novel_result"] = jnp.sum(ce_BxL * novel_BxL)
+        sums["tokens/novel_result"] = jnp.sum(novel_BxL)
     return sums
+
+
+def objective(sums: Mapping[str, jax.Array], novel_result_weight: float = 1.0) -> jax.Array:
+    """The mean loss that is minimised: every weighted token counts once, except result tokens
+    of destinations new to their window, which count `novel_result_weight` times."""
+    if novel_result_weight == 1.0 or "loss_sum/novel_result" not in sums:
+        return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0)
+    extra = novel_result_weight - 1.0
+    total = sums["loss_sum"] + extra * sums["loss_sum/novel_result"]
+    return total / jnp.maximum(sums["tokens"] + extra * sums["tokens/novel_result"], 1.0)
 
 
 def means_from_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,8 +73,9 @@ def means_from_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None):
-    """(mean loss over weighted tokens, sums); dropout is on iff a dropout key is given."""
+def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None,
+            novel_result_weight: float = 1.0):
+    """(objective, sums); dropout is on iff a dropout key is given."""
     logits_BxLxV = model.apply(
         {"params": params},
         batch["inputs"],
@@ -69,7 +84,7 @@ def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None):
         rngs=None if dropout_key is None else {"dropout": dropout_key},
     )
     sums = loss_sums(logits_BxLxV, batch)
-    return sums["loss_sum"] / jnp.maximum(sums["tokens"], 1.0), sums
+    return objective(sums, novel_result_weight), sums
 
 
 def train_step(
@@ -80,11 +95,14 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     dropout_key: jax.Array,
+    novel_result_weight: float = 1.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step. Metrics: loss, loss/<group>, tokens, tokens/<group>, grad_norm
-    (before clipping) and learning_rate (the rate this step's update used)."""
+    """One optimizer step. Metrics: loss (the plain per-token mean, whatever the objective's
+    weights), loss/<group>, tokens, tokens/<group>, grad_norm (before clipping) and
+    learning_rate (the rate this step's update used)."""
     step_key = jax.random.fold_in(dropout_key, state.step)
-    grad_fn = jax.grad(functools.partial(loss_fn, model=model, dropout_key=step_key), has_aux=True)
+    grad_fn = jax.grad(functools.partial(loss_fn, model=model, dropout_key=step_key,
+                                         novel_result_weight=novel_result_weight), has_aux=True)
     grads, sums = grad_fn(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -125,10 +143,12 @@ def make_train_step(
     batch_sharding: NamedSharding,
     mesh: Mesh,
     rules: partitioning.Rules,
+    novel_result_weight: float = 1.0,
 ) -> MeshFunction:
     """(state, batch, dropout_key) -> (state, metrics); the input state's buffers are donated."""
     fn = functools.partial(
-        _train_step_positional, model=Transformer(model_cfg), optimizer=optimizer, schedule=schedule
+        _train_step_positional, model=Transformer(model_cfg), optimizer=optimizer,
+        schedule=schedule, novel_result_weight=novel_result_weight,
     )
     replicated = partitioning.replicated(mesh)
     jitted = jax.jit(
@@ -156,7 +176,7 @@ def make_eval_step(
     return MeshFunction(jitted, mesh, rules)
 
 
-def _train_step_positional(state, batch, dropout_key, *, model, optimizer, schedule):
-    return train_step(
-        state, batch, model=model, optimizer=optimizer, schedule=schedule, dropout_key=dropout_key
-    )
+def _train_step_positional(state, batch, dropout_key, *, model, optimizer, schedule,
+                           novel_result_weight):
+    return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
+                      dropout_key=dropout_key, novel_result_weight=novel_result_weight)

@@ -79,7 +79,8 @@ def build(cfg: config_lib.Config) -> Setup:
     )
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
-        cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules
+        cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules,
+        novel_result_weight=cfg.optimizer.novel_result_weight,
     )
     eval_step = step_lib.make_eval_step(cfg.model, shardings.params, batch_sharding, mesh, rules)
     return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step)
@@ -407,6 +408,25 @@ def _run_eval(cfg, setup, state, writer, step):
         num_batches=cfg.run.eval_steps,
     )
     values = evaluate(setup, state.params, batches)
+    values.update(_rtt_metrics(cfg, state.params))
     writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
     logging.info("eval at step %d (%.1fs): %s", step, time.perf_counter() - t,
                  " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+
+
+def _rtt_metrics(cfg, params) -> dict[str, float]:
+    """Held-out RTT errors of the model and the baselines (evaluate.eval_rtt_metrics).
+
+    Single-process runs only: the predictor feeds host arrays to a jitted forward pass, which a
+    multi-controller job cannot do with params spread over other hosts.
+    """
+    if cfg.run.eval_rtt_queries <= 0:
+        return {}
+    if jax.process_count() > 1:
+        logging.log_first_n(logging.INFO, "eval: RTT metrics skipped (multi-process run); "
+                            "use python -m pingllm.evaluate on a checkpoint", 1)
+        return {}
+    from pingllm import evaluate as evaluate_lib
+
+    with jax.transfer_guard("allow"):
+        return evaluate_lib.eval_rtt_metrics(cfg, params, max_queries=cfg.run.eval_rtt_queries)

@@ -45,8 +45,52 @@ def test_batch_shapes_and_dtypes(first_steps):
     assert {k: (v.shape, v.dtype.name) for k, v in b.items()} == {
         "inputs": ((8, 256), "int32"), "targets": ((8, 256), "int32"),
         "weights": ((8, 256), "float32"), "segment_ids": ((8, 256), "int32"),
-        "fields": ((8, 256), "int32"),
+        "fields": ((8, 256), "int32"), "novel_result": ((8, 256), "float32"),
     }
+
+
+def _window(dsts, rtts, version=4):
+    """One tokenized window of source 192.0.2.1 (or 2001:db8::1) pinging `dsts` in order."""
+    n = 4 if version == 4 else 16
+    src = np.zeros(16, np.uint8)
+    src[:n] = [192, 0, 2, 1] if version == 4 else [0x20, 0x01, 0x0D, 0xB8] + [0] * 11 + [1]
+    dst = np.zeros((len(dsts), 16), np.uint8)
+    for i, d in enumerate(dsts):
+        dst[i, :n] = [198, 51, 100, d] if version == 4 else [0x20, 0x01, 0x0D, 0xB9] + [0] * 11 + [d]
+    record = {"src_addr": src, "ip_version": version, "dst_addr": dst,
+              "event_time": 1_700_000_000 + 60 * np.arange(len(dsts)),
+              "rtt_ms": np.asarray(rtts, np.float32)}
+    return tokens.tokenize_window(record, seed=0, window_index=0, max_length=256, mode="full")
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_novel_result_marks_results_of_destinations_new_to_the_window(version):
+    dsts, rtts = [7, 8, 7, 9, 8, 7], [10.0, 20.0, 11.0, -1.0, 21.0, 12.0]
+    w = _window(dsts, rtts, version)
+    batch = pipeline.make_batch([w])
+    starts = np.flatnonzero(w.fields[:w.length] == tokens.FIELD_START)
+    expected_input = np.zeros(256, bool)
+    for m, first in enumerate([True, True, False, True, False, False]):
+        end = starts[m + 1] if m + 1 < len(starts) else w.length
+        span = np.arange(starts[m], end)
+        is_result = w.fields[span] == tokens.FIELD_RESULT
+        assert is_result.sum() == (1 if rtts[m] < 0 else 3)  # FAILED, or RTT_START + 2 bytes
+        expected_input[span[is_result]] = first
+    assert np.array_equal(pipeline.novel_results(w.tokens[None], w.fields[None])[0],
+                          expected_input)
+    # Target-aligned like `fields`: position t marks the token at t + 1.
+    assert np.array_equal(batch["novel_result"][0, :-1], expected_input[1:].astype(np.float32))
+    assert batch["novel_result"][0, -1] == 0
+    assert np.all(batch["fields"][0][batch["novel_result"][0] > 0] == tokens.FIELD_RESULT)
+    assert batch["novel_result"][0].sum() == 3 + 3 + 1  # dst 7, dst 8, dst 9 (failed)
+
+
+def test_novel_result_on_pipeline_batches(first_steps):
+    for b in first_steps:
+        novel = b["novel_result"] > 0
+        result = (b["fields"] == tokens.FIELD_RESULT) & (b["weights"] > 0)
+        assert np.all(result[novel]) and 0 < novel.sum() < result.sum()
+        assert np.all(b["weights"][novel] == 1)
 
 
 def test_start_step_gives_the_same_batch_as_iterating_to_it(first_steps):

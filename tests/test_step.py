@@ -44,6 +44,8 @@ def make_batch(seed: int = 0, batch_size: int = B, length: int = L) -> dict[str,
         "weights": has_target.astype(np.float32),
         "segment_ids": real.astype(np.int32),
         "fields": fields,
+        "novel_result": ((fields == 4) & (rng.random((batch_size, length)) < 0.5)).astype(
+            np.float32),
     }
 
 
@@ -254,3 +256,34 @@ def test_full_latency_network_shape_one_step_on_cpu():
     )
     assert int(state.step) == 1 and np.isfinite(loss)
     assert 3.0 < loss < 10.0
+
+
+def test_objective_weights_novel_results():
+    rng = np.random.default_rng(4)
+    batch = make_batch(seed=4)
+    logits = jnp.asarray(rng.normal(size=(B, L, 384)).astype(np.float32))
+    sums = {k: float(v) for k, v in jax.jit(step.loss_sums)(logits, batch).items()}
+    assert sums["tokens/novel_result"] == float((batch["weights"] * batch["novel_result"]).sum()) > 0
+    assert float(step.objective(sums)) == pytest.approx(sums["loss_sum"] / sums["tokens"])
+    k = 5.0
+    weights = batch["weights"] * (1 + (k - 1) * batch["novel_result"])
+    shifted = np.asarray(logits) - np.asarray(logits).max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+    assert float(step.objective(sums, k)) == pytest.approx(
+        float((ce * weights).sum() / weights.sum()), rel=1e-5)
+    del batch["novel_result"]  # batches without the key: the plain mean whatever the weight
+    plain = {k_: float(v) for k_, v in jax.jit(step.loss_sums)(logits, batch).items()}
+    assert float(step.objective(plain, k)) == pytest.approx(plain["loss_sum"] / plain["tokens"])
+
+
+def test_novel_result_weight_changes_the_update_not_the_logged_loss(four):
+    batch = four.batch(seed=5)
+    heavy = step.make_train_step(TINY, four.optimizer, four.schedule, four.shardings,
+                                 partitioning.batch_sharding(four.mesh, RULES), four.mesh, RULES,
+                                 novel_result_weight=5.0)
+    state_a, metrics_a = four.train_step(four.fresh_state(), batch, jax.random.key(0))
+    state_b, metrics_b = heavy(four.fresh_state(), batch, jax.random.key(0))
+    assert float(metrics_a["loss"]) == float(metrics_b["loss"])
+    assert float(metrics_a["loss/novel_result"]) == float(metrics_b["loss/novel_result"])
+    assert float(metrics_a["grad_norm"]) != float(metrics_b["grad_norm"])

@@ -109,9 +109,17 @@ def test_quickstart_shape_learns_and_writes_tensorboard(shared):
     assert losses[-1] < losses[0] - 0.5, losses
     for tag in ("loss/address", "loss/result", "loss/time", "learning_rate", "grad_norm",
                 "perf/tokens_per_sec", "perf/steps_per_sec", "perf/mfu",
-                "startup/time_to_first_step_s", "eval/loss", "eval/loss/result"):
+                "startup/time_to_first_step_s", "eval/loss", "eval/loss/result",
+                "loss/novel_result", "eval/loss/novel_result"):
         assert tag in scalars, (tag, sorted(scalars))
     assert [s for s, _ in scalars["eval/loss"]] == [20, 40]
+    # Held-out RTT errors of the model next to the baselines' (evaluate.eval_rtt_metrics).
+    for method in ("model", "vivaldi", "per_destination_median"):
+        for metric in ("median_relative_error", "median_abs_error_ms", "within_25pct"):
+            values = [v for _, v in scalars[f"eval/rtt/{method}/{metric}"]]
+            assert len(values) == 2 and all(np.isfinite(values)), (method, metric, values)
+    vivaldi = [v for _, v in scalars["eval/rtt/vivaldi/median_relative_error"]]
+    assert vivaldi[0] == vivaldi[1] > 0  # fitted once on the training split: the same queries
     (_, operative), = scalars["config/operative"]
     assert "ModelConfig.num_layers = 2" in operative
     assert "model:" in proc.stderr and "parameters" in proc.stderr

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pingllm.data import pipeline, schema, tokens
 
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "fields")
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "fields", "novel_result")
 
 
 def dump(config: pipeline.DataConfig, steps, process_index: int = 0,

@@ -211,7 +211,8 @@ def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarra
 
 
 def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray]:
-    """inputs/targets/weights/segment_ids/fields from windows' tokens, field classes, lengths."""
+    """inputs/targets/weights/segment_ids/fields/novel_result from windows' tokens, field
+    classes and lengths."""
     tokens_BxL = np.asarray(tokens_BxL, np.int32)
     length_Bx1 = np.asarray(lengths_B, np.int64)[:, None]
     position_L = np.arange(tokens_BxL.shape[1])
@@ -219,6 +220,8 @@ def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray
     targets[:, :-1] = tokens_BxL[:, 1:]
     target_fields = np.zeros(tokens_BxL.shape, np.int32)
     target_fields[:, :-1] = fields_BxL[:, 1:]
+    novel = np.zeros(tokens_BxL.shape, np.float32)
+    novel[:, :-1] = novel_results(tokens_BxL, fields_BxL)[:, 1:]
     return {
         "inputs": tokens_BxL,
         "targets": targets,
@@ -226,7 +229,35 @@ def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray
         "weights": (position_L < length_Bx1 - 1).astype(np.float32),
         "segment_ids": (position_L < length_Bx1).astype(np.int32),
         "fields": target_fields,
+        # 1 where the target is a result token of a measurement whose destination is new to
+        # the window: the tokens a held-out pair's prediction depends on (no copy possible).
+        "novel_result": novel,
     }
+
+
+def novel_results(tokens_BxL: np.ndarray, fields_BxL: np.ndarray) -> np.ndarray:
+    """bool[B, L]: result-field tokens of measurements whose destination has not appeared
+    earlier in the row (input-aligned). Vectorised over the batch."""
+    tok, fld = np.asarray(tokens_BxL, np.int64), np.asarray(fields_BxL)
+    b, length = tok.shape
+    measurement = np.cumsum(fld == tokens.FIELD_START, axis=1) - 1
+    rows, at = np.nonzero((fld == tokens.FIELD_DST)
+                          & ((tok == tokens.DST_IPV4) | (tok == tokens.DST_IPV6)))
+    out = np.zeros((b, length), bool)
+    if len(rows) == 0:
+        return out
+    # The destination's type token and 16 following tokens (v4 bytes beyond 4 masked out).
+    offsets = np.arange(17)
+    window = tok[rows[:, None], np.minimum(at[:, None] + offsets, length - 1)]
+    is_v4 = window[:, :1] == tokens.DST_IPV4
+    window = np.where(is_v4 & (offsets > 4), 0, window)
+    key = np.concatenate([rows[:, None], window], axis=1)
+    _, first = np.unique(key, axis=0, return_index=True)
+    new = np.zeros((b, int(measurement.max()) + 1), bool)
+    new[rows[first], measurement[rows[first], at[first]]] = True
+    r_rows, r_at = np.nonzero(fld == tokens.FIELD_RESULT)
+    out[r_rows, r_at] = new[r_rows, measurement[r_rows, r_at]]
+    return out
 
 
 def step_dataset(config: DataConfig, source, layout: Layout, start_step: int) -> grain.MapDataset:
