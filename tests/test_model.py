@@ -300,3 +300,4 @@ def test_field_slot_embedding_adds_one_table_and_changes_the_output():
     without = dict(params, field_slot_embedding=np.zeros_like(params["field_slot_embedding"]))
     assert np.all(np.isfinite(logits))
     assert not np.allclose(logits, apply(without, inputs, segment_ids))
+
