@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -427,6 +428,21 @@ class _Pending:
     bytes_written: int | None = None
 
 
+def _remove_stale_tmp_directories(directory: Path) -> None:
+    """Deletes unfinished saves of an earlier run before Orbax starts.
+
+    Orbax's own clean-up (cleanup_tmp_directories) can still be deleting a stale
+    `<step>.orbax-checkpoint-tmp-*` in the background when a save of the same step starts and
+    clears it too; under load the two rmtree calls race and the save fails with ENOENT.
+    """
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        if child.is_dir() and _TMP_RE.match(child.name):
+            log.warning("removing %s: an unfinished save of an earlier run", child)
+            shutil.rmtree(child, ignore_errors=True)
+
+
 class _Tier:
     def __init__(self, name: Literal["persistent", "local"], directory: Path, *,
                  keep: int | None, keep_period: int | None, verify_checksums: bool,
@@ -468,6 +484,8 @@ class _Tier:
         registry.add(STATE_ITEM, ocp.args.PyTreeRestore, state_handler)
         registry.add(ITER_ITEM, IteratorSave, IteratorHandler())
         registry.add(ITER_ITEM, IteratorRestore, IteratorHandler())
+        if name == "local" or jax.process_index() == 0:
+            _remove_stale_tmp_directories(self.directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=registry)
 

@@ -476,6 +476,12 @@ def test_dry_run_flag_and_setup(tpu):
 # ---- worker side, for real ----
 
 
+def _default_signals():
+    # bash cannot trap a signal that was ignored when it started, as SIGINT is when pytest
+    # itself runs as a background job: give the worker the dispositions an ssh session has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _worker(tmp_path, *args, worker_id="1"):
     return subprocess.Popen(
         ["bash", str(SCRIPT), *args],
@@ -484,6 +490,7 @@ def _worker(tmp_path, *args, worker_id="1"):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_signals,
     )
 
 
