@@ -477,9 +477,11 @@ def test_dry_run_flag_and_setup(tpu):
 
 
 def _default_signals():
-    # bash cannot trap a signal that was ignored when it started, as SIGINT is when pytest
-    # itself runs as a background job: give the worker the dispositions an ssh session has.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # bash cannot trap a signal that was ignored when it started, as SIGINT and SIGHUP are
+    # when pytest itself runs under nohup or as a background job: give the worker the
+    # dispositions an ssh session has.
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _worker(tmp_path, *args, worker_id="1"):
