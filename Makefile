@@ -23,7 +23,7 @@ QUICKSTART_RUN ?= /tmp/pingllm_quickstart/outputs/quickstart
 # held-out table of the model against the baselines (docs/evaluation.md).
 quickstart: $(STAMP)
 	$(PY) -m pingllm.main --gin_file=gin/quickstart.gin $(ARGS)
-	$(PY) -m pingllm.evaluate --checkpoint $(QUICKSTART_RUN) --max_queries 300 \
+	$(PY) -m pingllm.evaluate --checkpoint $(QUICKSTART_RUN) --max_queries 1000 \
 		--output_json $(QUICKSTART_RUN)/eval/metrics.json
 
 test: $(STAMP)
