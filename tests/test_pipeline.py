@@ -56,7 +56,8 @@ def _window(dsts, rtts, version=4):
     src[:n] = [192, 0, 2, 1] if version == 4 else [0x20, 0x01, 0x0D, 0xB8] + [0] * 11 + [1]
     dst = np.zeros((len(dsts), 16), np.uint8)
     for i, d in enumerate(dsts):
-        dst[i, :n] = [198, 51, 100, d] if version == 4 else [0x20, 0x01, 0x0D, 0xB9] + [0] * 11 + [d]
+        v6 = [0x20, 0x01, 0x0D, 0xB9] + [0] * 11 + [d]
+        dst[i, :n] = [198, 51, 100, d] if version == 4 else v6
     record = {"src_addr": src, "ip_version": version, "dst_addr": dst,
               "event_time": 1_700_000_000 + 60 * np.arange(len(dsts)),
               "rtt_ms": np.asarray(rtts, np.float32)}

@@ -263,7 +263,8 @@ def test_objective_weights_novel_results():
     batch = make_batch(seed=4)
     logits = jnp.asarray(rng.normal(size=(B, L, 384)).astype(np.float32))
     sums = {k: float(v) for k, v in jax.jit(step.loss_sums)(logits, batch).items()}
-    assert sums["tokens/novel_result"] == float((batch["weights"] * batch["novel_result"]).sum()) > 0
+    novel = float((batch["weights"] * batch["novel_result"]).sum())
+    assert sums["tokens/novel_result"] == novel > 0
     assert float(step.objective(sums)) == pytest.approx(sums["loss_sum"] / sums["tokens"])
     k = 5.0
     weights = batch["weights"] * (1 + (k - 1) * batch["novel_result"])
