@@ -476,23 +476,25 @@ def test_dry_run_flag_and_setup(tpu):
 # ---- worker side, for real ----
 
 
-def _default_signals():
-    # bash cannot trap a signal that was ignored when it started, as SIGINT and SIGHUP are
-    # when pytest itself runs under nohup or as a background job: give the worker the
-    # dispositions an ssh session has.
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+# bash cannot trap a signal that was ignored when it started, as SIGINT and SIGHUP are when
+# pytest itself runs under nohup or as a background job: the worker starts through an exec that
+# gives it the dispositions an ssh session has (no preexec_fn: forking a JAX process is unsafe).
+_DEFAULT_SIGNALS_EXEC = (
+    "import os, signal, sys\n"
+    "for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):\n"
+    "    signal.signal(s, signal.SIG_DFL)\n"
+    "os.execvp('bash', ['bash', *sys.argv[1:]])\n"
+)
 
 
 def _worker(tmp_path, *args, worker_id="1"):
     return subprocess.Popen(
-        ["bash", str(SCRIPT), *args],
+        [sys.executable, "-c", _DEFAULT_SIGNALS_EXEC, str(SCRIPT), *args],
         cwd=tmp_path,
         env={**os.environ, "WORKER_ID": worker_id},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_default_signals,
     )
 
 
