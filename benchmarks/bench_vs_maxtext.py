@@ -149,15 +149,22 @@ def span_tokens_per_s(steps: list[tuple[int, float]], tokens: int) -> float | No
     return (s[-1][0] - s[0][0]) * tokens / (s[-1][1] - s[0][1])
 
 
-def run_pingllm(size: dict, args, tag: str) -> dict:
-    tokens = size["batch"] * size["seq"]
-    out = os.path.join(args.out, "pingllm")
-    bindings = [
+def _model_bindings(size: dict) -> list[str]:
+    """The model shape both pingllm runs use; the plain next-token objective, as MaxText's."""
+    return [
         f"ModelConfig.num_layers={size['layers']}", f"ModelConfig.emb_dim={size['emb']}",
         f"ModelConfig.num_heads={size['heads']}", f"ModelConfig.head_dim={size['head_dim']}",
         f"ModelConfig.mlp_dim={size['mlp']}", f"ModelConfig.dropout_rate={DROPOUT}",
         'ModelConfig.dtype="bfloat16"', f"ModelConfig.scan_unroll={size['layers']}",
-        f"MAX_TARGET_LENGTH={size['seq']}",
+        "OptimizerConfig.novel_result_weight=1.0", f"MAX_TARGET_LENGTH={size['seq']}",
+    ]
+
+
+def run_pingllm(size: dict, args, tag: str) -> dict:
+    tokens = size["batch"] * size["seq"]
+    out = os.path.join(args.out, "pingllm")
+    bindings = [
+        *_model_bindings(size),
         f"GLOBAL_BATCH_SIZE={size['batch']}", f"STEPS={size['steps']}", "LOG_PERIOD=1",
         f"CHECKPOINT_PERIOD={CHECKPOINT_PERIOD}", "EVAL_INTERVAL=0",
         f'BASE_OUTPUT_DIRECTORY="{out}"', f'DATASET_PATH="{args.dataset_path}"',
@@ -245,11 +252,7 @@ print("RESULT " + json.dumps({"times": times, "cpus": cpus}))
 
 def run_step_only(size: dict, args, n_steps: int) -> dict:
     bindings = [
-        f"ModelConfig.num_layers={size['layers']}", f"ModelConfig.emb_dim={size['emb']}",
-        f"ModelConfig.num_heads={size['heads']}", f"ModelConfig.head_dim={size['head_dim']}",
-        f"ModelConfig.mlp_dim={size['mlp']}", f"ModelConfig.dropout_rate={DROPOUT}",
-        'ModelConfig.dtype="bfloat16"', f"ModelConfig.scan_unroll={size['layers']}",
-        f"MAX_TARGET_LENGTH={size['seq']}",
+        *_model_bindings(size),
         f"GLOBAL_BATCH_SIZE={size['batch']}", "EVAL_INTERVAL=0", *args.pingllm_binding,
     ]
     b0, t0 = busy_jiffies(), time.time()

@@ -431,9 +431,9 @@ class _Pending:
 def _remove_stale_tmp_directories(directory: Path) -> None:
     """Deletes unfinished saves of an earlier run before Orbax starts.
 
-    Orbax's own clean-up (cleanup_tmp_directories) can still be deleting a stale
-    `<step>.orbax-checkpoint-tmp-*` in the background when a save of the same step starts and
-    clears it too; under load the two rmtree calls race and the save fails with ENOENT.
+    Instead of Orbax's cleanup_tmp_directories, which could still be deleting a stale
+    `<step>.orbax-checkpoint-tmp-*` in the background when a save of the same step started and
+    cleared it too: under load the two rmtree calls raced and the save failed with ENOENT.
     """
     if not directory.is_dir():
         return
@@ -472,7 +472,7 @@ class _Tier:
             use_ocdbt=True, use_compression=use_compression, multiprocessing_options=mp,
             **handler_kwargs)
         options = ocp.CheckpointManagerOptions(
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=False,  # _remove_stale_tmp_directories does it, race-free
             enable_async_checkpointing=True,
             preservation_policy=_Retention(keep, keep_period, self.pinned),
             multiprocessing_options=mp,

@@ -261,33 +261,38 @@ def evaluate(predictor: predict_lib.Predictor, cfg, *, max_queries: int = 500,
 
 
 @functools.lru_cache(maxsize=2)
-def _fitted_baselines(data_config, max_queries: int, seed: int):
-    """(baselines fitted on the training split, test records, sampled held-out queries)."""
+def _rtt_eval_set(data_config, model_config, max_queries: int, seed: int):
+    """(held-out queries, the model's prompts, baselines' predictions): all independent of the
+    parameters, so the trainer's periodic eval builds them (reading the splits) only once."""
     from pingllm.data import pipeline
 
     train_src = pipeline.record_source(data_config, "train")
     test_src = pipeline.record_source(data_config, "test")
-    test_records = tuple(test_src[i] for i in range(len(test_src)))
+    test_records = [test_src[i] for i in range(len(test_src))]
     train_m = baselines_lib.measurements_of_records(train_src[i] for i in range(len(train_src)))
+    fitted = baselines_lib.fit_all(train_m)
     held = sample_held_out(test_records, max_queries, seed)
-    return baselines_lib.fit_all(train_m), test_records, held
+    builder = predict_lib.Predictor(model_config, None, data_config=data_config,
+                                    seed=data_config.seed)
+    prompts = tuple(builder.prompt(held.query(i), builder.training_context(held.query(i)))
+                    for i in range(len(held)))
+    baselines = {name: fitted.predict(name, held.src_addr, held.dst_addr, held.ip_version)
+                 for name in ("vivaldi", "per_destination_median")}
+    return held, prompts, baselines
 
 
 def eval_rtt_metrics(cfg, params, *, max_queries: int = 64, seed: int = 0) -> dict[str, float]:
     """RTT metrics for the trainer's periodic eval: {'rtt/<method>/<metric>': value}.
 
     The model (train context) and the baselines on the same max_queries held-out queries;
-    baselines are fitted once per data config (cached). Params may be sharded over this
-    process's devices; single-process runs only (the prompts are host arrays).
+    queries, prompts and baselines are built once per config (cached). Params may be sharded
+    over this process's devices; single-process runs only (the prompts are host arrays).
     """
-    fitted, test_records, held = _fitted_baselines(cfg.data, max_queries, seed)
+    held, prompts, baselines = _rtt_eval_set(cfg.data, cfg.model, max_queries, seed)
     predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data, seed=cfg.data.seed)
-    preds = model_predictions(predictor, held, test_records, "train")
+    preds = predictor.predict_prompts(list(prompts))
     out = {}
-    methods = {"model": (preds.rtt_p50, preds.p_fail)}
-    for name in ("vivaldi", "per_destination_median"):
-        methods[name] = fitted.predict(name, held.src_addr, held.dst_addr, held.ip_version)
-    for name, (rtt, p_fail) in methods.items():
+    for name, (rtt, p_fail) in {"model": (preds.rtt_p50, preds.p_fail), **baselines}.items():
         m = rtt_metrics(rtt, held.rtt_ms, p_fail, held.ip_version)
         for key in ("median_relative_error", "median_abs_error_ms", "within_25pct",
                     "p_fail_brier"):
