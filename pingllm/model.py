@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pingllm.data import tokens as tokens_lib
+
 # Added to the logits of padded-vocab ids: far below any real logit, yet finite so that
 # softmax/cross-entropy and their gradients stay NaN-free.
 NEG_INF = -1e9
@@ -27,6 +29,12 @@ ATTENTION_KINDS = ("dot_product", "cudnn_flash", "auto")
 MLP_ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
 
 BLOCK_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+# Field slots: ids below the byte range open a field (MEASUREMENT_START, SRC_IPV4, ..., FAILED);
+# a byte token's slot is (the id that opened its field, its offset in the field, <= 16).
+MAX_SLOT_OFFSET = 16
+NUM_FIELD_SLOTS = tokens_lib.BYTE_OFFSET * (MAX_SLOT_OFFSET + 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -62,6 +70,10 @@ class ModelConfig:
     # Untied by default: with 267 ids the extra table costs 0.25M params and frees the output
     # head from the input embedding's geometry.
     logits_via_embedding: bool = False
+    # Add a learned embedding of each token's field slot (which field opened it, which byte of
+    # the field it is): "3rd byte of the destination" becomes an input feature instead of
+    # something attention must work out from relative positions.
+    field_slot_embedding: bool = False
     padded_vocab_size: int = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -94,6 +106,23 @@ def attention_implementation(config: ModelConfig) -> str:
     # cuDNN's fused attention takes only half-precision inputs.
     half = config.dtype in ("bfloat16", "float16")
     return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+
+
+def field_slots(inputs_BxL: jax.Array) -> jax.Array:
+    """int32[B, L] in [0, NUM_FIELD_SLOTS): opener id * 17 + offset since the opener."""
+    opener_BxL, _, offset_BxL = _opener_and_offset(inputs_BxL)
+    opener_BxL = jnp.clip(opener_BxL, 0, tokens_lib.BYTE_OFFSET - 1)
+    offset_BxL = jnp.minimum(offset_BxL, MAX_SLOT_OFFSET)
+    return (opener_BxL * (MAX_SLOT_OFFSET + 1) + offset_BxL).astype(jnp.int32)
+
+
+def _opener_and_offset(inputs_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(id that opened each token's field, position of that id, offset since it)."""
+    positions_L = jnp.arange(inputs_BxL.shape[1])
+    is_opener_BxL = inputs_BxL < tokens_lib.BYTE_OFFSET
+    opener_at_BxL = jax.lax.cummax(jnp.where(is_opener_BxL, positions_L, 0), axis=1)
+    opener_BxL = jnp.take_along_axis(inputs_BxL, opener_at_BxL, axis=1)
+    return opener_BxL, opener_at_BxL, positions_L - opener_at_BxL
 
 
 class Dense(nn.Module):
@@ -319,6 +348,14 @@ class Transformer(nn.Module):
             # A gather when nothing is partitioned over the vocabulary: on CPU the one-hot
             # matmul and its gradient made a 2x128 model's step 3.5% slower.
             x_BxLxD = jnp.take(table_VxD, inputs_BxL, axis=0).astype(dtype)
+        if cfg.field_slot_embedding:
+            slots_VxD = self.param(
+                "field_slot_embedding",
+                nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), (None, "embed")),
+                (NUM_FIELD_SLOTS, cfg.emb_dim),
+                jnp.dtype(cfg.param_dtype),
+            )
+            x_BxLxD += jnp.take(slots_VxD, field_slots(inputs_BxL), axis=0).astype(dtype)
         x_BxLxD = nn.Dropout(rate=cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
 
@@ -388,11 +425,13 @@ def param_count(config: ModelConfig) -> int:
 
 
 def matmul_param_count(config: ModelConfig) -> int:
-    """Parameters used in matmuls: all but the input embedding lookup (a gather).
+    """Parameters used in matmuls: all but the input embedding lookups (gathers).
 
     A tied table is counted once, since it is the output projection's matmul.
     """
     lookup = 0 if config.logits_via_embedding else config.padded_vocab_size * config.emb_dim
+    if config.field_slot_embedding:
+        lookup += NUM_FIELD_SLOTS * config.emb_dim
     return param_count(config) - lookup
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
-from pingllm.data import records, schema, tokens
+from pingllm.data import augment, records, schema, tokens
 
 QUANTILES = (0.1, 0.5, 0.9)
 OUTPUT_COLUMNS = ("p_fail", "rtt_p10", "rtt_p50", "rtt_p90")
@@ -147,12 +147,18 @@ class Predictor:
     """A model's parameters plus how prompts are built (context choice, tokenization seed)."""
 
     def __init__(self, model_cfg, params, *, data_config=None, seed: int = 0,
-                 batch_size: int = 32):
+                 batch_size: int = 32, latest_per_destination: bool | None = None):
         self.model_cfg = model_cfg
         self.params = params
         self.data_config = data_config
         self.seed = seed
         self.batch_size = batch_size
+        # Contexts are cut the way the training windows were: a model trained mostly on
+        # windows holding each destination's latest measurement (DataConfig.dedupe_rate)
+        # gets the latest measurement of each context destination.
+        if latest_per_destination is None:
+            latest_per_destination = data_config is not None and data_config.dedupe_rate >= 0.5
+        self.latest_per_destination = latest_per_destination
         self.max_length = model_cfg.max_target_length
         self._forward = _forward_fn(model_cfg)
         self._train_index = None
@@ -223,7 +229,7 @@ class Predictor:
         The context keeps its newest measurements that surely fit; measurements after the
         query's time are dropped so the query's time delta is never negative.
         """
-        record = _fit_context(context, query, self.max_length)
+        record = _fit_context(context, query, self.max_length, self.latest_per_destination)
         if mode is None:  # the most informative mode the query allows
             mode = "full" if query.event_time is not None else "none"
         elif mode == "drawn":  # as in training: the mode window_index draws
@@ -261,8 +267,10 @@ class Predictor:
         return self.predict_prompts(prompts)
 
 
-def _fit_context(context: dict | None, query: Query, max_length: int) -> dict:
-    """The context record cut to measurements before the query that fit any timestamp mode."""
+def _fit_context(context: dict | None, query: Query, max_length: int,
+                 latest_per_destination: bool = False) -> dict:
+    """The context record cut to measurements before the query that fit any timestamp mode
+    (only the latest of each destination's, if asked)."""
     empty = {"src_addr": np.asarray(query.src_addr, np.uint8), "ip_version": query.ip_version,
              "dst_addr": np.zeros((0, 16), np.uint8), "event_time": np.zeros(0, np.int64),
              "rtt_ms": np.zeros(0, np.float32)}
@@ -274,6 +282,8 @@ def _fit_context(context: dict | None, query: Query, max_length: int) -> dict:
     keep = np.arange(len(t))
     if query.event_time is not None:
         keep = keep[t <= query.event_time]
+    if latest_per_destination and len(keep):
+        keep = keep[augment.latest_of_each_destination(np.asarray(context["dst_addr"])[keep])]
     a_tokens = 5 if query.ip_version == 4 else 17
     query_len = 1 + 2 * a_tokens + 9 + 3  # worst case: absolute timestamp, and the result
     room = tokens.max_measurements(query.ip_version, max_length - query_len)

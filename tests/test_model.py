@@ -264,3 +264,40 @@ def test_config_validation_and_attention_choice():
     with pytest.raises(ValueError, match="attention"):
         ModelConfig(attention="flash")
 
+
+def test_field_slots_name_the_field_and_byte_of_every_token():
+    from pingllm.data import tokens
+
+    record = {"src_addr": np.array([192, 0, 2, 1] + [0] * 12, np.uint8), "ip_version": 4,
+              "dst_addr": np.array([[198, 51, 100, 7] + [0] * 12] * 2, np.uint8),
+              "event_time": np.array([1_700_000_000, 1_700_000_100]),
+              "rtt_ms": np.array([12.5, -1], np.float32)}
+    w = tokens.tokenize_window(record, seed=0, window_index=0, max_length=64, mode="full")
+    slots = np.asarray(model_lib.field_slots(jnp.asarray(w.tokens[None])))[0]
+    opener, offset = np.divmod(slots[:w.length], model_lib.MAX_SLOT_OFFSET + 1)
+    expected_opener, expected_offset, current, since = [], [], 0, 0
+    for t in w.tokens[:w.length]:
+        if t < tokens.BYTE_OFFSET:
+            current, since = int(t), 0
+        else:
+            since += 1
+        expected_opener.append(current)
+        expected_offset.append(since)
+    assert opener.tolist() == expected_opener and offset.tolist() == expected_offset
+    dst_bytes = (opener == tokens.DST_IPV4) & (offset > 0)
+    assert offset[dst_bytes].tolist() == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert slots.max() < model_lib.NUM_FIELD_SLOTS
+
+
+def test_field_slot_embedding_adds_one_table_and_changes_the_output():
+    cfg = dataclasses.replace(TINY, field_slot_embedding=True)
+    assert model_lib.param_count(cfg) - model_lib.param_count(TINY) == (
+        model_lib.NUM_FIELD_SLOTS * TINY.emb_dim)
+    assert model_lib.matmul_param_count(cfg) == model_lib.matmul_param_count(TINY)
+    apply, params = _init(cfg)
+    inputs, segment_ids = _inputs()
+    logits = apply(params, inputs, segment_ids)
+    without = dict(params, field_slot_embedding=np.zeros_like(params["field_slot_embedding"]))
+    assert np.all(np.isfinite(logits))
+    assert not np.allclose(logits, apply(without, inputs, segment_ids))
+

@@ -71,19 +71,25 @@ def test_novel_result_marks_results_of_destinations_new_to_the_window(version):
     batch = pipeline.make_batch([w])
     starts = np.flatnonzero(w.fields[:w.length] == tokens.FIELD_START)
     expected_input = np.zeros(256, bool)
+    query_shaped = []
     for m, first in enumerate([True, True, False, True, False, False]):
         end = starts[m + 1] if m + 1 < len(starts) else w.length
         span = np.arange(starts[m], end)
         is_result = w.fields[span] == tokens.FIELD_RESULT
         assert is_result.sum() == (1 if rtts[m] < 0 else 3)  # FAILED, or RTT_START + 2 bytes
-        expected_input[span[is_result]] = first
+        # Only a result that follows its destination is what a held-out query asks for.
+        after_dst = span[w.fields[span] == tokens.FIELD_DST][0] < span[is_result][0]
+        query_shaped.append(after_dst)
+        expected_input[span[is_result]] = first and after_dst
     assert np.array_equal(pipeline.novel_results(w.tokens[None], w.fields[None])[0],
                           expected_input)
     # Target-aligned like `fields`: position t marks the token at t + 1.
     assert np.array_equal(batch["novel_result"][0, :-1], expected_input[1:].astype(np.float32))
     assert batch["novel_result"][0, -1] == 0
     assert np.all(batch["fields"][0][batch["novel_result"][0] > 0] == tokens.FIELD_RESULT)
-    assert batch["novel_result"][0].sum() == 3 + 3 + 1  # dst 7, dst 8, dst 9 (failed)
+    # dst 7, dst 8, dst 9 (failed), each where its result follows its destination.
+    assert batch["novel_result"][0].sum() == np.dot([3, 3, 1], np.array(query_shaped)[[0, 1, 3]])
+    assert 0 < sum(query_shaped) < 6  # this window's field orders exercise both cases
 
 
 def test_novel_result_on_pipeline_batches(first_steps):
@@ -108,7 +114,8 @@ def test_get_state_set_state_resumes_exactly(first_steps):
     state = it.get_state()
     assert state == {"step": 2, "process_index": 0, "process_count": 1, "global_batch_size": 8,
                      "seed": 5, "max_target_length": 256,
-                     "dataset": "synthetic_memory_rows3000_seed0_len256_test0.1"}
+                     "dataset": "synthetic_memory_rows3000_seed0_len256_test0.1",
+                     "dedupe_rate": 0.0, "anonymise_source_rate": 0.0}
     fresh = pipeline.train_iterator(CONFIG)
     fresh.set_state(json.loads(json.dumps(state)))
     _assert_batches_equal(next(fresh), first_steps[2])
@@ -116,6 +123,14 @@ def test_get_state_set_state_resumes_exactly(first_steps):
     other = pipeline.train_iterator(dataclasses.replace(CONFIG, seed=6))
     with pytest.raises(ValueError, match="seed=5"):
         other.set_state(state)
+    augmented = pipeline.train_iterator(dataclasses.replace(CONFIG, dedupe_rate=1.0))
+    with pytest.raises(ValueError, match="dedupe_rate=0.0"):
+        augmented.set_state(state)
+    # A state saved before the augmentations existed resumes a run without them.
+    old = {k: v for k, v in state.items() if "rate" not in k}
+    fresh = pipeline.train_iterator(CONFIG)
+    fresh.set_state(old)
+    _assert_batches_equal(next(fresh), first_steps[2])
 
 
 def test_orbax_checkpoints_the_iterator_with_grains_handler(tmp_path, first_steps):

@@ -95,6 +95,32 @@ def test_quantiles_read_inside_the_crossing_bins():
         True, True, True, False, False, True, True]
 
 
+@pytest.mark.parametrize("latest", [False, True])
+def test_context_keeps_measurements_before_the_query_and_latest_per_destination(latest):
+    dst = np.zeros((6, 16), np.uint8)
+    dst[:, :4] = [[198, 51, 100, d] for d in (1, 2, 1, 3, 2, 1)]
+    context = {"src_addr": np.array([192, 0, 2, 9] + [0] * 12, np.uint8), "ip_version": 4,
+               "dst_addr": dst, "event_time": np.arange(6, dtype=np.int64) * 60 + 1_000,
+               "rtt_ms": np.arange(6, dtype=np.float32) + 10}
+    query = predict.Query(context["src_addr"], dst[0], 4, 1_000 + 4 * 60)  # rows 0..4 before
+    fitted = predict._fit_context(context, query, 256, latest_per_destination=latest)
+    expected = [0, 1, 2, 3, 4] if not latest else [2, 3, 4]  # dst 1 at 2, dst 3 at 3, dst 2 at 4
+    np.testing.assert_array_equal(fitted["event_time"], context["event_time"][expected])
+    np.testing.assert_array_equal(fitted["dst_addr"], dst[expected])
+    np.testing.assert_array_equal(fitted["rtt_ms"], context["rtt_ms"][expected])
+
+
+def test_predictor_cuts_contexts_like_its_training_windows():
+    from pingllm.data import pipeline
+    from pingllm.model import ModelConfig
+
+    cfg = ModelConfig(num_layers=1, emb_dim=32, num_heads=1, head_dim=32, mlp_dim=32)
+    plain = predict.Predictor(cfg, None, data_config=pipeline.DataConfig())
+    deduped = predict.Predictor(cfg, None, data_config=pipeline.DataConfig(dedupe_rate=1.0))
+    assert not plain.latest_per_destination and deduped.latest_per_destination
+    assert not predict.Predictor(cfg, None).latest_per_destination
+
+
 def test_fast_reading_equals_the_full_code_distribution(predictor, world_rows):
     """Reading 1-3 bins equals building p(code) = p(b1) p(b2|b1) over every canonical code."""
     _, table = world_rows

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from pingllm.data import augment as augment_lib
 from pingllm.data import records, tfds_builder, tokens
 
 SOURCES = ("tfds", "synthetic_memory")
@@ -47,6 +48,11 @@ class DataConfig:
     read_threads: int = 2  # Grain threads (main process or each worker)
     prefetch_batches: int = 4
     eval_split: str = "test"
+    # Training windows only (pingllm/data/augment.py): the share of windows that keep only the
+    # latest measurement of each destination, and the share whose source address is replaced
+    # by random bytes. Both make training windows look like a held-out-pair query.
+    dedupe_rate: float = 0.0
+    anonymise_source_rate: float = 0.0
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -62,6 +68,14 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count must be >= 0, got {self.worker_count}")
+        for name in ("dedupe_rate", "anonymise_source_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"DataConfig.{name} must be in [0, 1], got "
+                                 f"{getattr(self, name)}")
+
+    @property
+    def augment(self) -> augment_lib.Augment:
+        return augment_lib.Augment(self.seed, self.dedupe_rate, self.anonymise_source_rate)
 
     @property
     def builder_config(self) -> tfds_builder.RipeAtlasPingConfig:
@@ -255,20 +269,28 @@ def novel_results(tokens_BxL: np.ndarray, fields_BxL: np.ndarray) -> np.ndarray:
     _, first = np.unique(key, axis=0, return_index=True)
     new = np.zeros((b, int(measurement.max()) + 1), bool)
     new[rows[first], measurement[rows[first], at[first]]] = True
+    # Where each measurement's destination starts: only results after it are query-shaped.
+    dst_at = np.full(new.shape, length, np.int64)
+    dst_at[rows, measurement[rows, at]] = at
     r_rows, r_at = np.nonzero(fld == tokens.FIELD_RESULT)
-    out[r_rows, r_at] = new[r_rows, measurement[r_rows, r_at]]
+    r_meas = measurement[r_rows, r_at]
+    out[r_rows, r_at] = new[r_rows, r_meas] & (dst_at[r_rows, r_meas] < r_at)
     return out
 
 
-def step_dataset(config: DataConfig, source, layout: Layout, start_step: int) -> grain.MapDataset:
-    """Element i = this process's rows of step start_step + i (random access, lazy)."""
-    return (
-        grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size)
-        .map(_Position(layout, start_step))
-        .map(_ReadRecord(source, config.seed))
-        .batch(layout.local_batch_size,
-               batch_fn=_TokenizeBatch(config.seed, config.max_target_length))
-    )
+def step_dataset(config: DataConfig, source, layout: Layout, start_step: int, *,
+                 train: bool = True) -> grain.MapDataset:
+    """Element i = this process's rows of step start_step + i (random access, lazy).
+
+    Training windows get the config's augmentations; eval windows (train=False) never do.
+    """
+    ds = (grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size)
+          .map(_Position(layout, start_step))
+          .map(_ReadRecord(source, config.seed)))
+    if train and config.augment.active:
+        ds = ds.map(config.augment)
+    return ds.batch(layout.local_batch_size,
+                    batch_fn=_TokenizeBatch(config.seed, config.max_target_length))
 
 
 # ---- the train iterator ----
@@ -330,12 +352,17 @@ class StepIterator(grain.DatasetIterator):
             "seed": self._config.seed,
             "max_target_length": self._config.max_target_length,
             "dataset": self._config.dataset_name,
+            "dedupe_rate": self._config.dedupe_rate,
+            "anonymise_source_rate": self._config.anonymise_source_rate,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues at state['step']; any process layout works, the data must be the same."""
         mine = self.get_state()
-        for key in ("global_batch_size", "seed", "max_target_length", "dataset"):
+        # States saved before the window augmentations existed had none (rate 0).
+        state = {"dedupe_rate": 0.0, "anonymise_source_rate": 0.0, **state}
+        for key in ("global_batch_size", "seed", "max_target_length", "dataset", "dedupe_rate",
+                    "anonymise_source_rate"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"iterator state was saved with {key}={state.get(key)!r}, this run has "
@@ -370,7 +397,7 @@ def eval_batches(config: DataConfig, *, process_index: int = 0, process_count: i
                  num_batches: int) -> list[dict[str, np.ndarray]]:
     """The same `num_batches` batches of the eval split every time (this process's rows)."""
     layout = Layout(config.global_batch_size, process_index, process_count)
-    ds = step_dataset(config, record_source(config, config.eval_split), layout, 0)
+    ds = step_dataset(config, record_source(config, config.eval_split), layout, 0, train=False)
     return [ds[i] for i in range(num_batches)]
 
 
