@@ -41,7 +41,7 @@ def test_rates_are_validated():
     with pytest.raises(ValueError, match="dedupe_rate"):
         pipeline.DataConfig(dedupe_rate=1.5)
     with pytest.raises(ValueError, match="anonymise_source_rate"):
-        augment.Augment(0, anonymise_source_rate=-0.1)
+        pipeline.DataConfig(anonymise_source_rate=-0.1)
 
 
 def test_draws_are_a_pure_function_of_seed_and_window():

@@ -313,7 +313,13 @@ def test_dump_batches_cli_writes_the_global_batches(tmp_path, repo_root, capsys)
         + [f"--gin_bindings={b}" for b in bindings]) == 0
     dumped = np.load(out)
     np.testing.assert_array_equal(dumped["steps"], [1, 0])
+    # The tool dumps exactly what training under that config sees (the quickstart augments
+    # its training windows: pingllm/data/augment.py).
+    from pingllm import config as config_lib
+
+    quickstart = config_lib.load([str(repo_root / "gin" / "quickstart.gin")], bindings).data
+    assert quickstart.dedupe_rate > 0
     for key in KEYS:
-        np.testing.assert_array_equal(dumped[key][1], pipeline.global_batch(CONFIG, 0)[key])
+        np.testing.assert_array_equal(dumped[key][1], pipeline.global_batch(quickstart, 0)[key])
     printed = capsys.readouterr().out
     assert "step 1 row 7:" in printed and " ms " in printed or "FAILED" in printed

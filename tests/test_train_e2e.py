@@ -166,8 +166,10 @@ def test_state_is_initialised_sharded():
             assert np.prod(shard_shape) * 2 <= np.prod(leaf.shape)
     # Every matrix of params and both Adam moments is split; only scalars/norms are not.
     # 9 kernels (embedding, q, k, v, out, wi_0, wi_1, wo — scanned over layers — and logits),
-    # each with its two Adam moments; norm scales and counters stay replicated.
-    assert split == 3 * 9
+    # plus the quickstart's field-slot embedding, each with its two Adam moments; norm scales
+    # and counters stay replicated.
+    assert cfg.model.field_slot_embedding
+    assert split == 3 * 10
 
 
 @pytest.mark.slow

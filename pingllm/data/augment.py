@@ -64,16 +64,12 @@ def anonymise_source(record: dict, u_bytes: np.ndarray) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Grain map over (window index, record): both augmentations at their rates."""
+    """Grain map over (window index, record): both augmentations at their rates (validated
+    where they enter, DataConfig)."""
 
     seed: int
     dedupe_rate: float = 0.0
     anonymise_source_rate: float = 0.0
-
-    def __post_init__(self):
-        for name in ("dedupe_rate", "anonymise_source_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def active(self) -> bool:
