@@ -110,19 +110,13 @@ def attention_implementation(config: ModelConfig) -> str:
 
 def field_slots(inputs_BxL: jax.Array) -> jax.Array:
     """int32[B, L] in [0, NUM_FIELD_SLOTS): opener id * 17 + offset since the opener."""
-    opener_BxL, _, offset_BxL = _opener_and_offset(inputs_BxL)
-    opener_BxL = jnp.clip(opener_BxL, 0, tokens_lib.BYTE_OFFSET - 1)
-    offset_BxL = jnp.minimum(offset_BxL, MAX_SLOT_OFFSET)
-    return (opener_BxL * (MAX_SLOT_OFFSET + 1) + offset_BxL).astype(jnp.int32)
-
-
-def _opener_and_offset(inputs_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(id that opened each token's field, position of that id, offset since it)."""
     positions_L = jnp.arange(inputs_BxL.shape[1])
     is_opener_BxL = inputs_BxL < tokens_lib.BYTE_OFFSET
     opener_at_BxL = jax.lax.cummax(jnp.where(is_opener_BxL, positions_L, 0), axis=1)
     opener_BxL = jnp.take_along_axis(inputs_BxL, opener_at_BxL, axis=1)
-    return opener_BxL, opener_at_BxL, positions_L - opener_at_BxL
+    opener_BxL = jnp.clip(opener_BxL, 0, tokens_lib.BYTE_OFFSET - 1)
+    offset_BxL = jnp.minimum(positions_L - opener_at_BxL, MAX_SLOT_OFFSET)
+    return (opener_BxL * (MAX_SLOT_OFFSET + 1) + offset_BxL).astype(jnp.int32)
 
 
 class Dense(nn.Module):
