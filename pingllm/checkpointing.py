@@ -766,25 +766,37 @@ class Checkpointer:
                              skipped=tuple(skipped))
 
     def _restore_parameters(self, abstract_state, t0, timings, skipped):
-        path = Path(self.config.load_parameters_path)
-        items_dir = path / STATE_ITEM if (path / STATE_ITEM).is_dir() else path
-        abstract_params = _field(abstract_state, "params")
         t1 = time.perf_counter()
-        stored = stored_tree_metadata(items_dir)
-        # A full train state keeps its parameters under 'params'; a params-only checkpoint
-        # (e.g. from tools/reshard_checkpoint.py) is the parameter tree itself.
-        has_params = isinstance(stored, dict) and "params" in stored
-        target = {"params": abstract_params} if has_params else abstract_params
-        stored_sub = {"params": stored["params"]} if has_params else stored
-        check_compatible(stored_sub, target, where=str(items_dir))
-        with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(items_dir, args=ocp.args.PyTreeRestore(
-                item=target, restore_args=_restore_args(target), partial_restore=True))
-        params = out["params"] if has_params else out
+        params, _ = restore_params(self.config.load_parameters_path,
+                                   _field(abstract_state, "params"))
         timings["restore_seconds"] = time.perf_counter() - t1
         timings["total_seconds"] = time.perf_counter() - t0
         return RestoreResult(None, 0, False, "load_parameters", timings, params=params,
                              skipped=tuple(skipped))
+
+
+def restore_params(path: str | os.PathLike, abstract_params: Any, *,
+                   prefer_ema: bool = False) -> tuple[Any, str]:
+    """(parameters, the field they came from) of a step directory, its items/ directory or a
+    params-only checkpoint (e.g. from tools/reshard_checkpoint.py), onto abstract_params.
+
+    prefer_ema: a train state's moving average ('ema_params') when it has one, else 'params'.
+    """
+    path = Path(path)
+    items_dir = path / STATE_ITEM if (path / STATE_ITEM).is_dir() else path
+    stored = stored_tree_metadata(items_dir)
+    field = None  # a params-only checkpoint is the parameter tree itself
+    if isinstance(stored, dict):
+        if prefer_ema and stored.get("ema_params"):
+            field = "ema_params"
+        elif "params" in stored:
+            field = "params"
+    target = {field: abstract_params} if field else abstract_params
+    check_compatible({field: stored[field]} if field else stored, target, where=str(items_dir))
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(items_dir, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=_restore_args(target), partial_restore=True))
+    return (out[field] if field else out), field or "params"
 
 
 def _broadcast_int(value: int) -> int:

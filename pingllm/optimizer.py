@@ -1,6 +1,7 @@
 """AdamW with global-norm clipping and a warmup + cosine learning-rate schedule."""
 
 import dataclasses
+import functools
 
 import jax
 import optax
@@ -27,6 +28,11 @@ class OptimizerConfig:
     # Loss weight of result tokens whose destination is new to the window (1 = plain mean): the
     # tokens a never-seen pair's prediction rests on; the rest are mostly copies of earlier pings.
     novel_result_weight: float = 1.0
+    # A moving average of the parameters, kept in TrainState.ema_params and used for
+    # evaluation and prediction (0 = off): the parameters after each step past ema_start_step,
+    # weighted ema_decay**age and normalised (1.0 = their plain mean: tail averaging).
+    ema_decay: float = 0.0
+    ema_start_step: int = 0
 
     def __post_init__(self):
         if self.warmup_steps < 0 or self.decay_end_step < self.warmup_steps:
@@ -37,8 +43,38 @@ class OptimizerConfig:
         if self.novel_result_weight <= 0:
             raise ValueError(f"OptimizerConfig: novel_result_weight={self.novel_result_weight} "
                              "must be > 0")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"OptimizerConfig: ema_decay={self.ema_decay} must be in [0, 1]")
+        if self.ema_start_step < 0:
+            raise ValueError(f"OptimizerConfig: ema_start_step={self.ema_start_step} must be "
+                             ">= 0")
         if self.grad_clip_norm < 0:
             raise ValueError(f"OptimizerConfig: grad_clip_norm={self.grad_clip_norm} must be >= 0")
+
+
+def ema_update(ema, params, step, decay: float, start_step: int = 0):
+    """The average after optimizer step `step` (1-based) produced `params`.
+
+    With t = step - start_step: ema_t = ema_{t-1} + w_t (params_t - ema_{t-1}), where
+    w_t = (1 - d) / (1 - d**t) (or 1 / t for d = 1): the mean of the parameters after steps
+    start_step + 1 .. step weighted d**age. w_1 = 1, so neither the initial value nor anything
+    before start_step is mixed in (up to start_step the average is the parameters).
+    """
+    t = jax.numpy.maximum(jax.numpy.asarray(step, jax.numpy.float32) - start_step, 1.0)
+    if decay == 1.0:
+        w = 1.0 / t
+    else:
+        d = jax.numpy.float32(decay)  # one rounding of d for both terms: w_1 is exactly 1
+        w = (1.0 - d) / (1.0 - d ** t)
+    return jax.tree.map(lambda e, p: (e + w * (p.astype(jax.numpy.float32) - e)).astype(e.dtype),
+                        ema, params)
+
+
+def params_average(cfg: OptimizerConfig):
+    """(ema, params, step) -> ema for the train step, or None without a moving average."""
+    if cfg.ema_decay == 0:
+        return None
+    return functools.partial(ema_update, decay=cfg.ema_decay, start_step=cfg.ema_start_step)
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:

@@ -266,7 +266,7 @@ def measure_step(cfg: config_lib.Config, setup: Any, compiled: Any,
     _release_free_memory()
     baseline = _proc_status_kib("VmRSS") * 1024
     state = state_lib.init_train_state(cfg.model, setup.optimizer, setup.mesh, setup.rules,
-                                       seed=cfg.run.seed)
+                                       seed=cfg.run.seed, ema=cfg.optimizer.ema_decay > 0)
     rng = np.random.default_rng(0)
     shape = (cfg.data.global_batch_size, cfg.model.max_target_length)
     host = {k: (rng.integers(1, cfg.model.vocab_size, shape, dtype=np.int32) if v.dtype == jnp.int32

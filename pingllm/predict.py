@@ -341,7 +341,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_checkpoint(path: str | os.PathLike):
-    """(Config recovered from the run's config.gin, parameters on one device, step dir)."""
+    """(Config recovered from the run's config.gin, parameters on one device, step dir).
+
+    The parameters are the moving average when the run kept one (OptimizerConfig.ema_decay).
+    """
     from pingllm import checkpointing
     from pingllm import config as config_lib
     from pingllm.model import Transformer, dummy_inputs
@@ -358,10 +361,8 @@ def load_checkpoint(path: str | os.PathLike):
         {"params": jax.random.key(0)}, *dummy_inputs(cfg.model))["params"]))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             shapes)
-    ckpt_cfg = checkpointing.CheckpointConfig(enable_checkpointing=False,
-                                              load_parameters_path=str(step_dir))
-    restored = checkpointing.Checkpointer(ckpt_cfg, run_dir).restore({"params": abstract}, None)
-    return cfg, restored.params, step_dir
+    params, _ = checkpointing.restore_params(step_dir, abstract, prefer_ema=True)
+    return cfg, params, step_dir
 
 
 # ---- queries from text and files ----

@@ -80,6 +80,7 @@ def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None,
         {"params": params},
         batch["inputs"],
         batch["segment_ids"],
+        positions_BxL=batch.get("positions"),  # packed rows: each window counts from 0
         deterministic=dropout_key is None,
         rngs=None if dropout_key is None else {"dropout": dropout_key},
     )
@@ -96,6 +97,7 @@ def train_step(
     schedule: optax.Schedule,
     dropout_key: jax.Array,
     novel_result_weight: float = 1.0,
+    params_average: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Metrics: loss (the plain per-token mean, whatever the objective's
     weights), loss/<group>, tokens, tokens/<group>, grad_norm (before clipping) and
@@ -109,7 +111,11 @@ def train_step(
     metrics = means_from_sums(sums)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    ema_params = state.ema_params
+    if params_average is not None:  # optimizer.params_average: the state keeps ema_params
+        ema_params = params_average(ema_params, params, state.step + 1)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      ema_params=ema_params), metrics
 
 
 def eval_step(params, batch: Batch, *, model: Transformer) -> dict[str, jax.Array]:
@@ -144,11 +150,13 @@ def make_train_step(
     mesh: Mesh,
     rules: partitioning.Rules,
     novel_result_weight: float = 1.0,
+    params_average: Callable | None = None,
 ) -> MeshFunction:
     """(state, batch, dropout_key) -> (state, metrics); the input state's buffers are donated."""
     fn = functools.partial(
         _train_step_positional, model=Transformer(model_cfg), optimizer=optimizer,
         schedule=schedule, novel_result_weight=novel_result_weight,
+        params_average=params_average,
     )
     replicated = partitioning.replicated(mesh)
     jitted = jax.jit(
@@ -177,6 +185,7 @@ def make_eval_step(
 
 
 def _train_step_positional(state, batch, dropout_key, *, model, optimizer, schedule,
-                           novel_result_weight):
+                           novel_result_weight, params_average):
     return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
-                      dropout_key=dropout_key, novel_result_weight=novel_result_weight)
+                      dropout_key=dropout_key, novel_result_weight=novel_result_weight,
+                      params_average=params_average)

@@ -20,20 +20,36 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any
     opt_state: Any
+    # OptimizerConfig.ema_decay > 0: the parameters' moving average (sharded like params);
+    # None (no leaves, nothing saved) otherwise.
+    ema_params: Any = None
+
+    @property
+    def eval_params(self):
+        """What evaluation and prediction use: the moving average when there is one."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
-def _boxed_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int):
+def _boxed_init_fn(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
+                   ema: bool = False):
     """A no-argument init whose params/opt_state leaves are nn.Partitioned (logical names)."""
     model = Transformer(model_cfg)
 
     def init() -> TrainState:
         params = model.init({"params": jax.random.key(seed)}, *dummy_inputs(model_cfg))["params"]
-        # optax maps over the boxes' values, so mu/nu come out boxed with the params' names.
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
-        )
+        return state_from_params(params, optimizer, ema)
 
     return init
+
+
+def state_from_params(params, optimizer: optax.GradientTransformation,
+                      ema: bool = False) -> TrainState:
+    """Step 0 with fresh optimizer moments (and moving average) for these parameters."""
+    # optax maps over the boxes' values, so mu/nu come out boxed with the params' names; the
+    # moving average starts as a copy, boxed the same way.
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def abstract_train_state(
@@ -42,13 +58,16 @@ def abstract_train_state(
     mesh: Mesh,
     rules: partitioning.Rules,
     seed: int = 0,
+    *,
+    ema: bool = False,
 ) -> tuple[TrainState, TrainState]:
     """(state of ShapeDtypeStructs carrying their NamedSharding, the tree of NamedShardings).
 
     The state tree is unboxed (plain arrays), as stored in checkpoints; scalars (step, optax
-    counts) are replicated, optimizer moments follow their parameter's sharding.
+    counts) are replicated, optimizer moments (and the moving average) follow their
+    parameter's sharding.
     """
-    boxed = jax.eval_shape(_boxed_init_fn(model_cfg, optimizer, seed))
+    boxed = jax.eval_shape(_boxed_init_fn(model_cfg, optimizer, seed, ema))
     shardings = partitioning.logical_to_shardings(nn.get_partition_spec(boxed), mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -64,8 +83,10 @@ def init_train_state(
     mesh: Mesh,
     rules: partitioning.Rules,
     seed: int = 0,
+    *,
+    ema: bool = False,
 ) -> TrainState:
     """A fresh state created directly in its shards by one jitted init."""
-    _, shardings = abstract_train_state(model_cfg, optimizer, mesh, rules, seed)
-    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed)
+    _, shardings = abstract_train_state(model_cfg, optimizer, mesh, rules, seed, ema=ema)
+    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed, ema)
     return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()

@@ -71,16 +71,22 @@ def _enable_compilation_cache(path: str) -> None:
 
 def build(cfg: config_lib.Config) -> Setup:
     """Mesh, abstract sharded state and the jitted steps."""
+    if cfg.data.windows_per_row > 1 and model_lib.attention_implementation(cfg.model) == "cudnn":
+        # cuDNN attention here masks by row length: it cannot keep packed windows apart.
+        raise config_lib.ConfigError(
+            "DataConfig.windows_per_row > 1 packs windows that need the segment mask: set "
+            "ModelConfig.attention = 'dot_product' (this backend would use cuDNN)")
     mesh = partitioning.make_mesh(cfg.mesh)
     rules = cfg.mesh.logical_axis_rules
     tx, schedule = optimizer_lib.make_optimizer(cfg.optimizer)
     abstract_state, shardings = state_lib.abstract_train_state(
-        cfg.model, tx, mesh, rules, seed=cfg.run.seed
+        cfg.model, tx, mesh, rules, seed=cfg.run.seed, ema=cfg.optimizer.ema_decay > 0
     )
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
         cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules,
         novel_result_weight=cfg.optimizer.novel_result_weight,
+        params_average=optimizer_lib.params_average(cfg.optimizer),
     )
     eval_step = step_lib.make_eval_step(cfg.model, shardings.params, batch_sharding, mesh, rules)
     return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step)
@@ -154,9 +160,8 @@ def _train(cfg, run_dir, stop, writer, started) -> int:
 
 def _state_from_params(setup: Setup, params) -> state_lib.TrainState:
     """Step 0 with a fresh optimizer around given parameters (LOAD_PARAMETERS_PATH)."""
-    init = lambda p: state_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=p, opt_state=setup.optimizer.init(p)
-    )
+    ema = setup.state_shardings.ema_params is not None
+    init = lambda p: state_lib.state_from_params(p, setup.optimizer, ema)
     return jax.jit(init, out_shardings=setup.state_shardings)(params)
 
 
@@ -233,7 +238,8 @@ def _initial_state(cfg, setup, checkpointer, iterator):
         return _state_from_params(setup, restored.params), restored
     logging.info("no checkpoint: initialising a fresh, sharded train state")
     state = state_lib.init_train_state(
-        cfg.model, setup.optimizer, setup.mesh, setup.rules, seed=cfg.run.seed
+        cfg.model, setup.optimizer, setup.mesh, setup.rules, seed=cfg.run.seed,
+        ema=cfg.optimizer.ema_decay > 0,
     )
     return state, restored
 
@@ -407,8 +413,9 @@ def _run_eval(cfg, setup, state, writer, step):
         cfg.data, process_index=jax.process_index(), process_count=jax.process_count(),
         num_batches=cfg.run.eval_steps,
     )
-    values = evaluate(setup, state.params, batches)
-    values.update(_rtt_metrics(cfg, state.params))
+    # The moving average when the run keeps one: what pingllm.predict and evaluate load.
+    values = evaluate(setup, state.eval_params, batches)
+    values.update(_rtt_metrics(cfg, state.eval_params))
     writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
     logging.info("eval at step %d (%.1fs): %s", step, time.perf_counter() - t,
                  " ".join(f"{k}={v:.4g}" for k, v in values.items()))

@@ -37,7 +37,8 @@ def dump(config: pipeline.DataConfig, steps, process_index: int = 0,
             batches[step] = next(iterator)
     finally:
         iterator.close()
-    out = {key: np.stack([batches[s][key] for s in steps]) for key in BATCH_KEYS}
+    keys = BATCH_KEYS + (("positions",) if config.windows_per_row > 1 else ())
+    out = {key: np.stack([batches[s][key] for s in steps]) for key in keys}
     out["steps"] = np.asarray(steps, np.int64)
     return out
 
@@ -48,15 +49,23 @@ def describe(dumped: dict[str, np.ndarray]) -> str:
     for i, step in enumerate(dumped["steps"]):
         for row, (inputs, segments) in enumerate(zip(dumped["inputs"][i],
                                                      dumped["segment_ids"][i])):
-            length = int(segments.sum())
-            lines.append(f"step {step} row {row}: {length} tokens")
-            for m in tokens.decode_tokens(inputs, length):
-                result = "FAILED" if m.failed else f"{m.rtt_ms:.3f} ms"
-                time = "" if m.time_kind is None else f" {m.time_kind}={m.time_value}"
-                lines.append(f"  {schema.format_address(m.src_addr, m.src_version)} -> "
-                             f"{schema.format_address(m.dst_addr, m.dst_version)} "
-                             f"{result}{time}")
+            packed = segments.max() > 1
+            for segment in np.unique(segments[segments > 0]):
+                window = inputs[segments == segment]
+                where = f" window {segment}" if packed else ""
+                lines.append(f"step {step} row {row}{where}: {len(window)} tokens")
+                lines.extend(_measurement_lines(window))
     return "\n".join(lines)
+
+
+def _measurement_lines(window) -> list[str]:
+    lines = []
+    for m in tokens.decode_tokens(window, len(window)):
+        result = "FAILED" if m.failed else f"{m.rtt_ms:.3f} ms"
+        time = "" if m.time_kind is None else f" {m.time_kind}={m.time_value}"
+        lines.append(f"  {schema.format_address(m.src_addr, m.src_version)} -> "
+                     f"{schema.format_address(m.dst_addr, m.dst_version)} {result}{time}")
+    return lines
 
 
 def main(argv=None) -> int:

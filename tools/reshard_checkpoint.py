@@ -88,7 +88,8 @@ def _targets(args, stored, reshard, num_devices):
         mesh = partitioning.make_mesh(cfg.mesh, devices)
         tx, _ = optimizer_lib.make_optimizer(cfg.optimizer)
         abstract, _ = state_lib.abstract_train_state(cfg.model, tx, mesh,
-                                                     cfg.mesh.logical_axis_rules)
+                                                     cfg.mesh.logical_axis_rules,
+                                                     ema=cfg.optimizer.ema_decay > 0)
         leaves, _ = jax.tree_util.tree_flatten_with_path(abstract)
         want = {reshard.leaf_name(p): leaf for p, leaf in leaves}
         wrong = [f"{n}: checkpoint shape {tuple(m.shape)} != config shape {want[n].shape}"

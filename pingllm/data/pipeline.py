@@ -53,6 +53,11 @@ class DataConfig:
     # by random bytes. Both make training windows look like a held-out-pair query.
     dedupe_rate: float = 0.0
     anonymise_source_rate: float = 0.0
+    # Training rows only: pack this many consecutive windows into each row (segments 1..k,
+    # positions restarting at 0) as far as they fit whole; a window that does not fit is
+    # dropped. Deduplicated windows fill a fraction of a row, so packing feeds the same
+    # compute more windows. Eval rows always hold one window.
+    windows_per_row: int = 1
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -63,7 +68,7 @@ class DataConfig:
         if self.source == "tfds" and self.tfds_config == "manual" and not self.manual_dir:
             raise ValueError("DataConfig.tfds_config='manual' needs DataConfig.manual_dir")
         for name in ("global_batch_size", "max_target_length", "read_threads",
-                     "prefetch_batches", "worker_buffer_size"):
+                     "prefetch_batches", "worker_buffer_size", "windows_per_row"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"DataConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.worker_count < 0:
@@ -183,12 +188,16 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class _Position:
+    """Element k -> the global window index of window k % per_row of this process's row."""
+
     layout: Layout
     start_step: int
+    per_row: int = 1
 
     def __call__(self, k: int) -> int:
-        step, row = divmod(int(k), self.layout.local_batch_size)
-        return self.layout.position(self.start_step + step, row)
+        row_k, j = divmod(int(k), self.per_row)
+        step, row = divmod(row_k, self.layout.local_batch_size)
+        return self.layout.position(self.start_step + step, row) * self.per_row + j
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,13 +215,17 @@ class _TokenizeBatch:
 
     seed: int
     max_length: int
+    per_row: int = 1
 
     def __call__(self, elements) -> dict[str, np.ndarray]:
         positions = [position for position, _ in elements]
         records = [record for _, record in elements]
         windows = tokens.tokenize_windows(records, seed=self.seed, window_indices=positions,
                                           max_length=self.max_length)
-        return batch_from_tokens(windows.tokens, windows.fields, windows.lengths)
+        if self.per_row == 1:
+            return batch_from_tokens(windows.tokens, windows.fields, windows.lengths)
+        return batch_from_segments(*pack_windows(windows.tokens, windows.fields,
+                                                 windows.lengths, self.per_row))
 
 
 def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarray]:
@@ -226,32 +239,80 @@ def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarra
 
 def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray]:
     """inputs/targets/weights/segment_ids/fields/novel_result from windows' tokens, field
-    classes and lengths."""
+    classes and lengths (one window per row)."""
     tokens_BxL = np.asarray(tokens_BxL, np.int32)
     length_Bx1 = np.asarray(lengths_B, np.int64)[:, None]
-    position_L = np.arange(tokens_BxL.shape[1])
+    segment_ids = (np.arange(tokens_BxL.shape[1]) < length_Bx1).astype(np.int32)
+    return batch_from_segments(tokens_BxL, fields_BxL, segment_ids)
+
+
+def batch_from_segments(tokens_BxL, fields_BxL, segment_ids_BxL,
+                        positions_BxL=None) -> dict[str, np.ndarray]:
+    """The batch dict of rows holding one or more windows (segments 1, 2, ..; 0 = padding).
+
+    Packed rows (positions given) also carry 'positions': each window's token indices.
+    """
+    tokens_BxL = np.asarray(tokens_BxL, np.int32)
+    segment_ids_BxL = np.asarray(segment_ids_BxL, np.int32)
     targets = np.zeros_like(tokens_BxL)
     targets[:, :-1] = tokens_BxL[:, 1:]
     target_fields = np.zeros(tokens_BxL.shape, np.int32)
     target_fields[:, :-1] = fields_BxL[:, 1:]
     novel = np.zeros(tokens_BxL.shape, np.float32)
-    novel[:, :-1] = novel_results(tokens_BxL, fields_BxL)[:, 1:]
-    return {
+    novel[:, :-1] = novel_results(tokens_BxL, fields_BxL, segment_ids_BxL)[:, 1:]
+    # A target counts when it is the next token of the same window: the last token of a
+    # window is followed by padding (id 0 = MEASUREMENT_START) or by another window.
+    weights = np.zeros(tokens_BxL.shape, np.float32)
+    weights[:, :-1] = (segment_ids_BxL[:, :-1] != 0) & (
+        segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1])
+    batch = {
         "inputs": tokens_BxL,
         "targets": targets,
-        # The target of the last real token is padding (id 0 = MEASUREMENT_START): weight 0.
-        "weights": (position_L < length_Bx1 - 1).astype(np.float32),
-        "segment_ids": (position_L < length_Bx1).astype(np.int32),
+        "weights": weights,
+        "segment_ids": segment_ids_BxL,
         "fields": target_fields,
         # 1 where the target is a result token of a measurement whose destination is new to
         # the window: the tokens a held-out pair's prediction depends on (no copy possible).
         "novel_result": novel,
     }
+    if positions_BxL is not None:
+        batch["positions"] = np.asarray(positions_BxL, np.int32)
+    return batch
 
 
-def novel_results(tokens_BxL: np.ndarray, fields_BxL: np.ndarray) -> np.ndarray:
+def pack_windows(tokens_NxL, fields_NxL, lengths_N, per_row: int):
+    """Windows k*per_row .. (k+1)*per_row-1 into row k, in order, each whole where it fits
+    (one that does not is dropped; the first always fits).
+
+    Returns (tokens, fields, segment_ids, positions), each int32[N / per_row, L].
+    """
+    tokens_NxL, fields_NxL = np.asarray(tokens_NxL), np.asarray(fields_NxL)
+    lengths_N = np.asarray(lengths_N, np.int64)
+    n, length = tokens_NxL.shape
+    if n % per_row:
+        raise ValueError(f"{n} windows do not make rows of {per_row}")
+    rows = n // per_row
+    out = [np.zeros((rows, length), np.int32) for _ in range(4)]
+    out_tokens, out_fields, out_segments, out_positions = out
+    for r in range(rows):
+        at = 0
+        for j in range(per_row):
+            w, size = r * per_row + j, int(lengths_N[r * per_row + j])
+            if at + size > length:
+                continue
+            out_tokens[r, at:at + size] = tokens_NxL[w, :size]
+            out_fields[r, at:at + size] = fields_NxL[w, :size]
+            out_segments[r, at:at + size] = j + 1
+            out_positions[r, at:at + size] = np.arange(size)
+            at += size
+    return out_tokens, out_fields, out_segments, out_positions
+
+
+def novel_results(tokens_BxL: np.ndarray, fields_BxL: np.ndarray,
+                  segment_ids_BxL: np.ndarray | None = None) -> np.ndarray:
     """bool[B, L]: result-field tokens of measurements whose destination has not appeared
-    earlier in the row (input-aligned). Vectorised over the batch."""
+    earlier in its window (the row, or the row's segment when given; input-aligned).
+    Vectorised over the batch."""
     tok, fld = np.asarray(tokens_BxL, np.int64), np.asarray(fields_BxL)
     b, length = tok.shape
     measurement = np.cumsum(fld == tokens.FIELD_START, axis=1) - 1
@@ -265,7 +326,9 @@ def novel_results(tokens_BxL: np.ndarray, fields_BxL: np.ndarray) -> np.ndarray:
     window = tok[rows[:, None], np.minimum(at[:, None] + offsets, length - 1)]
     is_v4 = window[:, :1] == tokens.DST_IPV4
     window = np.where(is_v4 & (offsets > 4), 0, window)
-    key = np.concatenate([rows[:, None], window], axis=1)
+    segment = (np.zeros(len(rows), np.int64) if segment_ids_BxL is None
+               else np.asarray(segment_ids_BxL, np.int64)[rows, at])
+    key = np.concatenate([rows[:, None], segment[:, None], window], axis=1)
     _, first = np.unique(key, axis=0, return_index=True)
     new = np.zeros((b, int(measurement.max()) + 1), bool)
     new[rows[first], measurement[rows[first], at[first]]] = True
@@ -282,15 +345,18 @@ def step_dataset(config: DataConfig, source, layout: Layout, start_step: int, *,
                  train: bool = True) -> grain.MapDataset:
     """Element i = this process's rows of step start_step + i (random access, lazy).
 
-    Training windows get the config's augmentations; eval windows (train=False) never do.
+    Training windows get the config's augmentations and packing; eval windows (train=False)
+    never do. Window i of row r (global row position p) has window index p * per_row + i.
     """
-    ds = (grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size)
-          .map(_Position(layout, start_step))
+    per_row = config.windows_per_row if train else 1
+    ds = (grain.MapDataset.range(0, (_MAX_STEPS - start_step) * layout.local_batch_size
+                                 * per_row)
+          .map(_Position(layout, start_step, per_row))
           .map(_ReadRecord(source, config.seed)))
     if train and config.augment.active:
         ds = ds.map(config.augment)
-    return ds.batch(layout.local_batch_size,
-                    batch_fn=_TokenizeBatch(config.seed, config.max_target_length))
+    return ds.batch(layout.local_batch_size * per_row,
+                    batch_fn=_TokenizeBatch(config.seed, config.max_target_length, per_row))
 
 
 # ---- the train iterator ----
@@ -354,15 +420,17 @@ class StepIterator(grain.DatasetIterator):
             "dataset": self._config.dataset_name,
             "dedupe_rate": self._config.dedupe_rate,
             "anonymise_source_rate": self._config.anonymise_source_rate,
+            "windows_per_row": self._config.windows_per_row,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues at state['step']; any process layout works, the data must be the same."""
         mine = self.get_state()
-        # States saved before the window augmentations existed had none (rate 0).
-        state = {"dedupe_rate": 0.0, "anonymise_source_rate": 0.0, **state}
+        # States saved before the window augmentations and packing existed had none.
+        state = {"dedupe_rate": 0.0, "anonymise_source_rate": 0.0, "windows_per_row": 1,
+                 **state}
         for key in ("global_batch_size", "seed", "max_target_length", "dataset", "dedupe_rate",
-                    "anonymise_source_rate"):
+                    "anonymise_source_rate", "windows_per_row"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"iterator state was saved with {key}={state.get(key)!r}, this run has "
