@@ -476,7 +476,14 @@ class _Tier:
             enable_async_checkpointing=True,
             preservation_policy=_Retention(keep, keep_period, self.pinned),
             multiprocessing_options=mp,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._before_commit),
+            async_options=ocp.AsyncOptions(
+                post_finalization_callback=self._before_commit,
+                # The iterator item is written synchronously by every process into the
+                # directory the primary host creates: with asynchronous creation (Orbax's
+                # default) another process could write before it existed (seen 1 save in 3
+                # with 2 processes; tests/test_checkpointing.py two-tier job). Created, and
+                # agreed by barrier, before any item is written.
+                create_directories_asynchronously=name == "local"),
             **extra,
         )
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()

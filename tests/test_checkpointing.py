@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -64,10 +65,17 @@ def run_job(mode, n_proc, devices, out, *args, timeout=90):
          "--process_id", str(i), "--port", str(port), "--devices", str(devices), *map(str, args)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(n_proc)]
+    deadline = time.monotonic() + timeout
     try:
-        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        logs = [p.communicate(timeout=max(deadline - time.monotonic(), 1))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:  # stop the whole job together, then show what each had written
+            p.kill()
+        logs = [p.communicate()[0] for p in procs]
+        raise AssertionError(f"job timed out after {timeout}s:\n" + "\n".join(
+            f"--- process {i}:\n{log[-3000:]}" for i, log in enumerate(logs))) from None
     finally:
-        for p in procs:  # stop the whole job together
+        for p in procs:
             if p.poll() is None:
                 p.kill()
     codes = [p.returncode for p in procs]

@@ -8,13 +8,17 @@ Independent runs start together: they are separate processes and the machine has
 
 import shutil
 
+import numpy as np
 import pytest
 import resume_helpers as rh
 
 N = 20  # the stop is requested once the run has reached step N ...
 STEPS = 2 * N  # ... of 2N
 RUN = [f"STEPS = {STEPS}", "CHECKPOINT_PERIOD = 10", "MAX_NUM_CHECKPOINTS_TO_KEEP = None"]
-MULTI = [*RUN, "StopConfig.check_every_steps = 2"]
+# The 2-process job also packs two windows per row and keeps a moving average of the
+# parameters: both must survive the stop and restart bit for bit as well.
+MULTI = [*RUN, "StopConfig.check_every_steps = 2", "DataConfig.windows_per_row = 2",
+         "OptimizerConfig.ema_decay = 0.9"]
 
 
 def _copy_checkpoints(s, source: str, name: str) -> None:
@@ -201,6 +205,9 @@ def test_two_process_job_sigterm_restart_equals_uninterrupted_bitwise(tmp_path_f
     a = rh.read_state(s.run_dir("ref2") / "checkpoints" / str(STEPS))
     b = rh.read_state(s.run_dir("sig2") / "checkpoints" / str(STEPS))
     rh.assert_trees_bitwise_equal(a, b, "2-process job after resume")
+    assert rh.flat(a["ema_params"]).keys() == rh.flat(a["params"]).keys()
+    assert not np.array_equal(*(next(iter(rh.flat(a[k]).values()))
+                                for k in ("ema_params", "params")))
     la, lb = (rh.scalars(s.run_dir(n))["loss"] for n in ("ref2", "sig2"))
     assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
     assert [la[k] for k in sorted(la)] == [lb[k] for k in sorted(lb)]
