@@ -4,6 +4,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # Parameter names that are never weight-decayed: norm gains and biases (decaying them pulls
@@ -60,13 +61,13 @@ def ema_update(ema, params, step, decay: float, start_step: int = 0):
     start_step + 1 .. step weighted d**age. w_1 = 1, so neither the initial value nor anything
     before start_step is mixed in (up to start_step the average is the parameters).
     """
-    t = jax.numpy.maximum(jax.numpy.asarray(step, jax.numpy.float32) - start_step, 1.0)
+    t = jnp.maximum(jnp.asarray(step, jnp.float32) - start_step, 1.0)
     if decay == 1.0:
         w = 1.0 / t
     else:
-        d = jax.numpy.float32(decay)  # one rounding of d for both terms: w_1 is exactly 1
+        d = jnp.float32(decay)  # one rounding of d for both terms: w_1 is exactly 1
         w = (1.0 - d) / (1.0 - d ** t)
-    return jax.tree.map(lambda e, p: (e + w * (p.astype(jax.numpy.float32) - e)).astype(e.dtype),
+    return jax.tree.map(lambda e, p: (e + w * (p.astype(jnp.float32) - e)).astype(e.dtype),
                         ema, params)
 
 
