@@ -41,6 +41,11 @@ TINY = (
     "LEARNING_RATE_SCHEDULE_STEPS = 1000",
 )
 
+# The 2-process jobs (test_resume, test_kill_restart: they share the reference run "ref2")
+# also pack two windows per row and keep a moving average of the parameters, so both must
+# survive stops, restarts and kill -9 bit for bit as well.
+PACKED_EMA = ("DataConfig.windows_per_row = 2", "OptimizerConfig.ema_decay = 0.9")
+
 
 @dataclasses.dataclass(frozen=True)
 class Shared:

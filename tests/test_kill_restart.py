@@ -13,7 +13,7 @@ import resume_helpers as rh
 
 STEPS = 40
 BASE = [f"STEPS = {STEPS}", "MAX_NUM_CHECKPOINTS_TO_KEEP = None",
-        "StopConfig.check_every_steps = 2"]
+        "StopConfig.check_every_steps = 2", *rh.PACKED_EMA]
 
 
 def _tool():

@@ -15,10 +15,7 @@ import resume_helpers as rh
 N = 20  # the stop is requested once the run has reached step N ...
 STEPS = 2 * N  # ... of 2N
 RUN = [f"STEPS = {STEPS}", "CHECKPOINT_PERIOD = 10", "MAX_NUM_CHECKPOINTS_TO_KEEP = None"]
-# The 2-process job also packs two windows per row and keeps a moving average of the
-# parameters: both must survive the stop and restart bit for bit as well.
-MULTI = [*RUN, "StopConfig.check_every_steps = 2", "DataConfig.windows_per_row = 2",
-         "OptimizerConfig.ema_decay = 0.9"]
+MULTI = [*RUN, "StopConfig.check_every_steps = 2", *rh.PACKED_EMA]
 
 
 def _copy_checkpoints(s, source: str, name: str) -> None:
