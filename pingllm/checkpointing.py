@@ -774,8 +774,8 @@ class Checkpointer:
 
     def _restore_parameters(self, abstract_state, t0, timings, skipped):
         t1 = time.perf_counter()
-        params, _ = restore_params(self.config.load_parameters_path,
-                                   _field(abstract_state, "params"))
+        params = restore_params(self.config.load_parameters_path,
+                                _field(abstract_state, "params"))
         timings["restore_seconds"] = time.perf_counter() - t1
         timings["total_seconds"] = time.perf_counter() - t0
         return RestoreResult(None, 0, False, "load_parameters", timings, params=params,
@@ -783,9 +783,9 @@ class Checkpointer:
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any, *,
-                   prefer_ema: bool = False) -> tuple[Any, str]:
-    """(parameters, the field they came from) of a step directory, its items/ directory or a
-    params-only checkpoint (e.g. from tools/reshard_checkpoint.py), onto abstract_params.
+                   prefer_ema: bool = False) -> Any:
+    """The parameters of a step directory, its items/ directory or a params-only checkpoint
+    (e.g. from tools/reshard_checkpoint.py), onto abstract_params.
 
     prefer_ema: a train state's moving average ('ema_params') when it has one, else 'params'.
     """
@@ -803,7 +803,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, *,
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(items_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=_restore_args(target), partial_restore=True))
-    return (out[field] if field else out), field or "params"
+    return out[field] if field else out
 
 
 def _broadcast_int(value: int) -> int:

@@ -361,7 +361,7 @@ def load_checkpoint(path: str | os.PathLike):
         {"params": jax.random.key(0)}, *dummy_inputs(cfg.model))["params"]))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                             shapes)
-    params, _ = checkpointing.restore_params(step_dir, abstract, prefer_ema=True)
+    params = checkpointing.restore_params(step_dir, abstract, prefer_ema=True)
     return cfg, params, step_dir
 
 

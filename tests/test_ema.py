@@ -104,12 +104,7 @@ def test_prediction_restores_the_average_and_falls_back_to_the_parameters(tmp_pa
     for name, state in (("with", with_ema), ("without", without)):
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(tmp_path / name / "items", state)
-    got, field = checkpointing.restore_params(tmp_path / "with", abstract, prefer_ema=True)
-    assert field == "ema_params"
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), average)
-    got, field = checkpointing.restore_params(tmp_path / "with", abstract)
-    assert field == "params"
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), params)
-    got, field = checkpointing.restore_params(tmp_path / "without", abstract, prefer_ema=True)
-    assert field == "params"
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), params)
+    for name, prefer_ema, expected in (("with", True, average), ("with", False, params),
+                                       ("without", True, params)):
+        got = checkpointing.restore_params(tmp_path / name, abstract, prefer_ema=prefer_ema)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), expected)
