@@ -27,8 +27,30 @@ def test_config_names_encode_every_non_default_value():
     assert c.name == "synthetic_rows5_seed2_len64_test0.25"
     assert (c.synthetic_rows, c.synthetic_seed, c.max_target_length) == (5, 2, 64)
     assert tfds_builder.make_config("manual", max_target_length=128).name == "manual_len128"
+    c = tfds_builder.make_config(synthetic_duration_s=7200, max_target_length=256)
+    assert (c.name, c.synthetic_duration_s) == ("synthetic_rows1000000_seed0_span7200s_len256", 7200)
+    # A span means nothing for files: it does not change the manual config.
+    assert tfds_builder.make_config("manual", synthetic_duration_s=7200).name == "manual"
     with pytest.raises(ValueError, match="source must be"):
         tfds_builder.make_config("kaggle")
+    with pytest.raises(ValueError, match="synthetic_duration_s must be > 0"):
+        tfds_builder.make_config(synthetic_duration_s=0)
+
+
+def test_shorter_span_holds_more_sources_with_fewer_pings_each(tmp_path):
+    """The same rows over 2 hours instead of a day: many more sources, each for less time."""
+    counts = {}
+    for span in (tfds_builder.DEFAULT_SYNTHETIC_DURATION_S, 7200):
+        config = tfds_builder.make_config(synthetic_rows=ROWS, max_target_length=LENGTH,
+                                          synthetic_duration_s=span)
+        b = tfds_builder.prepare(config, data_dir=str(tmp_path))
+        recs = list(tfds_builder.RecordSource(b, "train"))
+        times = np.concatenate([r["event_time"] for r in recs])
+        sources = {bytes(r["src_addr"]) for r in recs}
+        counts[span] = (len(sources), int(times.max() - times.min()))
+    (day_sources, day_span), (short_sources, short_span) = counts[86_400], counts[7200]
+    assert short_span < 7200 < day_span
+    assert short_sources > 5 * day_sources
 
 
 @pytest.fixture(scope="module")

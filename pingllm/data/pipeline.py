@@ -39,6 +39,8 @@ class DataConfig:
     manual_dir: str = ""
     synthetic_rows: int = tfds_builder.DEFAULT_SYNTHETIC_ROWS
     synthetic_seed: int = tfds_builder.DEFAULT_SYNTHETIC_SEED
+    # Seconds the synthetic rows span: shorter = more sources, fewer pings each.
+    synthetic_duration_s: int = tfds_builder.DEFAULT_SYNTHETIC_DURATION_S
     test_fraction: float = records.DEFAULT_TEST_FRACTION
     max_target_length: int = tfds_builder.DEFAULT_MAX_TARGET_LENGTH
     global_batch_size: int = 64
@@ -87,15 +89,18 @@ class DataConfig:
         return tfds_builder.make_config(
             self.tfds_config, synthetic_rows=self.synthetic_rows,
             synthetic_seed=self.synthetic_seed, max_target_length=self.max_target_length,
-            test_fraction=self.test_fraction,
+            test_fraction=self.test_fraction, synthetic_duration_s=self.synthetic_duration_s,
         )
 
     @property
     def dataset_name(self) -> str:
         """Names the records (not the batching): a resumed iterator must see the same ones."""
         if self.source == "synthetic_memory":
+            span = self.synthetic_duration_s
             return (f"synthetic_memory_rows{self.synthetic_rows}_seed{self.synthetic_seed}"
-                    f"_len{self.max_target_length}_test{self.test_fraction:g}")
+                    f"_len{self.max_target_length}_test{self.test_fraction:g}"
+                    + (f"_span{span}s" if span != tfds_builder.DEFAULT_SYNTHETIC_DURATION_S
+                       else ""))
         return f"{tfds_builder.NAME}/{self.builder_config.name}"
 
 
@@ -112,10 +117,11 @@ def prepare(config: DataConfig) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _memory_records(rows: int, seed: int, max_target_length: int, test_fraction: float):
+def _memory_records(rows: int, seed: int, max_target_length: int, test_fraction: float,
+                    duration_s: int = tfds_builder.DEFAULT_SYNTHETIC_DURATION_S):
     from pingllm.data import synthetic
 
-    table = synthetic.SyntheticInternet(seed=seed).generate(rows)
+    table = synthetic.SyntheticInternet(seed=seed).generate(rows, duration_s=duration_s)
     split = records.rows_to_split_records(table, max_target_length, test_fraction)
     return {name: tuple(recs) for name, recs in split.items()}
 
@@ -124,7 +130,8 @@ def record_source(config: DataConfig, split: str) -> Sequence[dict[str, np.ndarr
     """Random access to one split's records (len, [i]); picklable into Grain workers."""
     if config.source == "synthetic_memory":
         recs = _memory_records(config.synthetic_rows, config.synthetic_seed,
-                               config.max_target_length, config.test_fraction)[split]
+                               config.max_target_length, config.test_fraction,
+                               config.synthetic_duration_s)[split]
     else:
         b = tfds_builder.builder(config.builder_config,
                                  data_dir=os.path.expanduser(config.data_dir))

@@ -27,6 +27,9 @@ DEFAULT_MAX_TARGET_LENGTH = 1024
 DEFAULT_SYNTHETIC_ROWS = 1_000_000
 SMALL_SYNTHETIC_ROWS = 100_000
 DEFAULT_SYNTHETIC_SEED = 0
+# Time span of synthetic rows: sources join until the rows are reached, so a shorter span holds
+# more sources with fewer pings each (the generator lengthens a span too short for the rows).
+DEFAULT_SYNTHETIC_DURATION_S = 86_400
 _BYTES = tfds.features.Encoding.BYTES
 _log = logging.getLogger(__name__)
 MANUAL_SUFFIXES = (".jsonl", ".json", ".gz", ".bz2", ".parquet")
@@ -41,6 +44,7 @@ class RipeAtlasPingConfig(tfds.core.BuilderConfig):
     synthetic_seed: int = DEFAULT_SYNTHETIC_SEED
     max_target_length: int = DEFAULT_MAX_TARGET_LENGTH
     test_fraction: float = records.DEFAULT_TEST_FRACTION
+    synthetic_duration_s: int = DEFAULT_SYNTHETIC_DURATION_S
 
 
 PRESETS = (
@@ -63,7 +67,7 @@ PRESETS = (
 
 def _values(config: RipeAtlasPingConfig) -> tuple:
     return (config.source, config.synthetic_rows, config.synthetic_seed,
-            config.max_target_length, config.test_fraction)
+            config.max_target_length, config.test_fraction, config.synthetic_duration_s)
 
 
 def make_config(
@@ -73,15 +77,20 @@ def make_config(
     synthetic_seed: int = DEFAULT_SYNTHETIC_SEED,
     max_target_length: int = DEFAULT_MAX_TARGET_LENGTH,
     test_fraction: float = records.DEFAULT_TEST_FRACTION,
+    synthetic_duration_s: int = DEFAULT_SYNTHETIC_DURATION_S,
 ) -> RipeAtlasPingConfig:
     """The preset with these values if one exists, else a config named after its values."""
     if source not in ("synthetic", "manual"):
         raise ValueError(f"source must be 'synthetic' or 'manual', got {source!r}")
-    if source == "manual":  # rows and seed mean nothing for files
+    if synthetic_duration_s <= 0:
+        raise ValueError(f"synthetic_duration_s must be > 0, got {synthetic_duration_s}")
+    if source == "manual":  # rows, seed and span mean nothing for files
         synthetic_rows, synthetic_seed = DEFAULT_SYNTHETIC_ROWS, DEFAULT_SYNTHETIC_SEED
+        synthetic_duration_s = DEFAULT_SYNTHETIC_DURATION_S
     config = RipeAtlasPingConfig(
         name="", source=source, synthetic_rows=synthetic_rows, synthetic_seed=synthetic_seed,
         max_target_length=max_target_length, test_fraction=test_fraction,
+        synthetic_duration_s=int(synthetic_duration_s),
     )
     for preset in PRESETS:
         if _values(preset) == _values(config):
@@ -89,6 +98,8 @@ def make_config(
     name = source
     if source == "synthetic":
         name += f"_rows{synthetic_rows}_seed{synthetic_seed}"
+        if synthetic_duration_s != DEFAULT_SYNTHETIC_DURATION_S:
+            name += f"_span{synthetic_duration_s}s"
     if max_target_length != DEFAULT_MAX_TARGET_LENGTH:
         name += f"_len{max_target_length}"
     if test_fraction != records.DEFAULT_TEST_FRACTION:
@@ -142,7 +153,7 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             from pingllm.data import synthetic
 
             return synthetic.SyntheticInternet(seed=config.synthetic_seed).generate(
-                config.synthetic_rows
+                config.synthetic_rows, duration_s=config.synthetic_duration_s
             )
         from pingllm.data import ripe_atlas
 
