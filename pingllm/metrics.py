@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import time
 from collections.abc import Mapping
@@ -9,7 +10,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 from absl import logging
-from clu import metric_writers
 
 # Dense bf16 peak FLOP/s per device by `device_kind` prefix (vendor figures).
 _PEAK_FLOPS = {
@@ -53,30 +53,71 @@ def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
 
 
 class Writer:
-    """Scalars, texts and images to `<run_dir>/tensorboard` (process 0) and the log."""
+    """Scalars, texts and images to `<run_dir>/tensorboard` (process 0) and the log.
+
+    CLU's TensorBoard writer imports TensorFlow (~5 s of CPU). Process 0 creates it on a
+    background thread, so the import overlaps data preparation, restore and compilation, and
+    the first write waits for it; the other processes only log scalars and never import it.
+    """
 
     def __init__(self, run_dir: str):
         self.is_lead = jax.process_index() == 0
         logdir = os.path.join(run_dir, "tensorboard")
-        self._writer = metric_writers.create_default_writer(
-            logdir, just_logging=not self.is_lead, asynchronous=True
-        )
+        if self.is_lead:
+            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tb_writer")
+            self._pending = pool.submit(_tensorboard_writer, logdir)
+            pool.shutdown(wait=False)
+        else:
+            self._pending = None
+        self._writer = None if self.is_lead else _LogWriter()
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            self._writer = self._pending.result()  # re-raises an import or creation error
+        return self._writer
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
-        self._writer.write_scalars(int(step), clean)
+        self.writer.write_scalars(int(step), clean)
 
     def texts(self, step: int, values: Mapping[str, str]) -> None:
-        self._writer.write_texts(int(step), dict(values))
+        self.writer.write_texts(int(step), dict(values))
 
     def images(self, step: int, values: Mapping[str, np.ndarray]) -> None:
-        self._writer.write_images(int(step), dict(values))
+        self.writer.write_images(int(step), dict(values))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self.writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        self.writer.close()
+
+
+def _tensorboard_writer(logdir: str):
+    from clu import metric_writers  # imports TensorFlow
+
+    return metric_writers.create_default_writer(logdir, asynchronous=True)
+
+
+class _LogWriter:
+    """What CLU's LoggingWriter logs (scalars as `[step] k=v, ...`), without TensorFlow."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        shown = ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items()))
+        logging.info("[%d] %s", step, shown)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        pass
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def format_duration(seconds: float) -> str:

@@ -1,4 +1,4 @@
-"""launch/local.py: real multi-process jobs (a JAX stand-in target, and the trainer when it exists)."""
+"""launch/local.py: real multi-process jobs of a JAX stand-in target (trainer jobs: test_resume)."""
 
 import importlib.util
 import json
@@ -197,85 +197,6 @@ def test_signal_is_forwarded_to_every_process(tmp_path, signum):
         assert (tmp_path / f"process_{i}.signal").read_text() == str(int(signum))
 
 
-# ---- the real trainer ----
-
-needs_trainer = pytest.mark.skipif(
-    not ((REPO / "pingllm" / "main.py").exists() and (REPO / "gin" / "quickstart.gin").exists()),
-    reason="pingllm/main.py or gin/quickstart.gin does not exist yet (the trainer is being written)",
-)
-
-
-def _trainer_args(tmp_path, run_name, steps):
-    """quickstart.gin shrunk further: a 1-layer model on a small synthetic dataset of its own."""
-    return [
-        "--gin_file=gin/quickstart.gin",
-        f'--gin_bindings=BASE_OUTPUT_DIRECTORY="{tmp_path / "outputs"}"',
-        f'--gin_bindings=DATASET_PATH="{tmp_path / "tfds"}"',
-        f'--gin_bindings=RUN_NAME="{run_name}"',
-        f"--gin_bindings=STEPS={steps}",
-        "--gin_bindings=CHECKPOINT_PERIOD=2",
-        "--gin_bindings=GLOBAL_BATCH_SIZE=8",
-        "--gin_bindings=MAX_TARGET_LENGTH=64",
-        "--gin_bindings=DataConfig.synthetic_rows=2000",
-        "--gin_bindings=ModelConfig.num_layers=1",
-        "--gin_bindings=ModelConfig.emb_dim=32",
-        "--gin_bindings=ModelConfig.num_heads=2",
-        "--gin_bindings=ModelConfig.head_dim=16",
-        "--gin_bindings=ModelConfig.mlp_dim=64",
-        "--gin_bindings=EVAL_INTERVAL=0",
-        "--gin_bindings=LOG_PERIOD=2",
-        "--gin_bindings=WARMUP_STEPS=1",
-    ]
-
-
-def _finish(proc, tmp_path, timeout_s):
-    """Waits for the launcher; returns its exit status and, for failure messages, the logs."""
-    _, err = proc.communicate(timeout=timeout_s)
-    logs = sorted((tmp_path / "logs").glob("process_*.log"))
-    tails = "".join(f"--- {p.name}\n" + "\n".join(p.read_text().splitlines()[-15:]) for p in logs)
-    return proc.returncode, err + tails
-
-
-def _steps(run_dir):
-    checkpoints = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-
-
-@pytest.mark.slow
-@needs_trainer
-def test_trains_with_two_processes_to_completion(tmp_path):
-    base = tmp_path / "outputs"
-    launcher = ["--num_processes", "2", "--devices_per_process", "2", "--grace_seconds", "5"]
-    proc = _launch(tmp_path, launcher, _trainer_args(tmp_path, "two", 6))
-    status, err = _finish(proc, tmp_path, 600)
-    assert status == 0, err
-    assert _steps(base / "two")[-1] == 6
-    assert (base / "two" / "config.gin").exists()
-    # A rerun of a finished run is a no-op success.
-    proc = _launch(tmp_path, launcher, _trainer_args(tmp_path, "two", 6))
-    status, err = _finish(proc, tmp_path, 600)
-    assert status == 0, err
-    assert _steps(base / "two")[-1] == 6
-
-
-@pytest.mark.slow
-@needs_trainer
-def test_sigterm_saves_and_the_same_command_resumes(tmp_path):
-    base = tmp_path / "outputs"
-    launcher = ["--num_processes", "2", "--devices_per_process", "2", "--grace_seconds", "5"]
-    proc = _launch(tmp_path, launcher, _trainer_args(tmp_path, "resume", 100_000))
-    _wait_for([base / "resume" / "checkpoints" / "2"], timeout_s=600, proc=proc)
-    proc.send_signal(signal.SIGTERM)
-    status, err = _finish(proc, tmp_path, 300)
-    assert status == 75, err
-    stopped_at = _steps(base / "resume")[-1]
-    assert stopped_at >= 2
-    # Rerun to a nearby end: it must continue from `stopped_at`, not start over (which would
-    # try to write the existing step 2 again).
-    target = stopped_at + 4
-    proc = _launch(tmp_path, launcher, _trainer_args(tmp_path, "resume", target))
-    status, err = _finish(proc, tmp_path, 600)
-    assert status == 0, err
-    steps = _steps(base / "resume")
-    assert steps[-1] == target
-    assert stopped_at in steps
+# The real trainer under this launcher (a 2-process job trained to the end, SIGTERM forwarded,
+# exit 75, the same command resuming bit for bit, a rerun of the finished job a no-op) is
+# tests/test_resume.py::test_two_process_job_sigterm_restart_equals_uninterrupted_bitwise.

@@ -198,6 +198,10 @@ def test_two_process_job_sigterm_restart_equals_uninterrupted_bitwise(tmp_path_f
     resumed = rh.run(s, "sig2", MULTI, tag="_resume", **job)
     assert ref.wait() == 0, ref.tail()
     assert rh.restored(resumed.log())[:2] == (stopped, "persistent")
+    # The same command once more: the job is complete, every process says so and exits 0.
+    again = rh.run(s, "sig2", MULTI, tag="_again", **job)
+    for p in (0, 1):
+        assert f"run sig2 already complete at step {STEPS}" in again.log(p), again.tail()
 
     a = rh.read_state(s.run_dir("ref2") / "checkpoints" / str(STEPS))
     b = rh.read_state(s.run_dir("sig2") / "checkpoints" / str(STEPS))

@@ -1,6 +1,5 @@
 """Loss, optimizer and the jitted train/eval steps on tiny shapes (plus one full-shape step)."""
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -228,36 +227,6 @@ def test_optimizer_config_validation():
 
 
 @pytest.mark.slow
-def test_full_latency_network_shape_one_step_on_cpu():
-    """The real shape (20 x 640, seq 1024, bf16 compute) builds and trains; batch of 1 row."""
-    cfg = ModelConfig()
-    mesh = partitioning.make_mesh(MeshConfig(), jax.devices()[:1])
-    optimizer, schedule = make_optimizer(OptimizerConfig())
-    start = time.perf_counter()
-    _, shardings = abstract_train_state(cfg, optimizer, mesh, RULES)
-    state = jax.block_until_ready(init_train_state(cfg, optimizer, mesh, RULES))
-    init_s = time.perf_counter() - start
-    train_step = step.make_train_step(
-        cfg, optimizer, schedule, shardings, partitioning.batch_sharding(mesh, RULES), mesh, RULES
-    )
-    batch = partitioning.make_global_batch(make_batch(0, 1, 1024), mesh, RULES)
-    key = jax.random.key(0)
-    start = time.perf_counter()
-    compiled = train_step.lower(state, batch, key).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        state, metrics = compiled(state, batch, key)
-    loss = float(metrics["loss"])
-    step_s = time.perf_counter() - start
-    print(
-        f"full latency_network shape on CPU: init {init_s:.1f}s, compile {compile_s:.1f}s, "
-        f"one step (batch 1 x 1024) {step_s:.1f}s, loss {loss:.3f}"
-    )
-    assert int(state.step) == 1 and np.isfinite(loss)
-    assert 3.0 < loss < 10.0
-
-
 def test_objective_weights_novel_results():
     rng = np.random.default_rng(4)
     batch = make_batch(seed=4)
