@@ -63,13 +63,12 @@ class Writer:
     def __init__(self, run_dir: str):
         self.is_lead = jax.process_index() == 0
         logdir = os.path.join(run_dir, "tensorboard")
+        self._writer = None if self.is_lead else _LogWriter()
+        self._pending = None
         if self.is_lead:
             pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tb_writer")
             self._pending = pool.submit(_tensorboard_writer, logdir)
             pool.shutdown(wait=False)
-        else:
-            self._pending = None
-        self._writer = None if self.is_lead else _LogWriter()
 
     @property
     def writer(self):
