@@ -1,4 +1,4 @@
-"""metrics.Writer: TensorBoard event files from process 0; other processes log without TensorFlow."""
+"""metrics.Writer: TensorBoard events from process 0; other processes log without TensorFlow."""
 
 import subprocess
 import sys
