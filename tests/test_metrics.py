@@ -54,7 +54,8 @@ def test_writer_creation_error_surfaces_at_the_first_write(tmp_path):
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
         from pingllm import metrics
         w = metrics.Writer({str(blocker)!r})
+        print("constructed", flush=True)
         w.scalars(1, {{"loss": 1.0}})
     """)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "tensorboard" in proc.stderr
+    assert proc.returncode != 0 and proc.stdout == "constructed\n"
+    assert f"{blocker} is not a directory" in proc.stderr, proc.stderr[-2000:]

@@ -30,6 +30,8 @@ def test_config_names_encode_every_non_default_value():
     c = tfds_builder.make_config(synthetic_duration_s=7200, max_target_length=256)
     assert c.name == "synthetic_rows1000000_seed0_span7200s_len256"
     assert c.synthetic_duration_s == 7200
+    assert tfds_builder.make_config(synthetic_duration_s=7200.0).name == (
+        "synthetic_rows1000000_seed0_span7200s")  # a float from gin names the same data
     # A span means nothing for files: it does not change the manual config.
     assert tfds_builder.make_config("manual", synthetic_duration_s=7200).name == "manual"
     with pytest.raises(ValueError, match="source must be"):

@@ -82,6 +82,7 @@ def make_config(
     """The preset with these values if one exists, else a config named after its values."""
     if source not in ("synthetic", "manual"):
         raise ValueError(f"source must be 'synthetic' or 'manual', got {source!r}")
+    synthetic_duration_s = int(synthetic_duration_s)
     if synthetic_duration_s <= 0:
         raise ValueError(f"synthetic_duration_s must be > 0, got {synthetic_duration_s}")
     if source == "manual":  # rows, seed and span mean nothing for files
@@ -90,7 +91,7 @@ def make_config(
     config = RipeAtlasPingConfig(
         name="", source=source, synthetic_rows=synthetic_rows, synthetic_seed=synthetic_seed,
         max_target_length=max_target_length, test_fraction=test_fraction,
-        synthetic_duration_s=int(synthetic_duration_s),
+        synthetic_duration_s=synthetic_duration_s,
     )
     for preset in PRESETS:
         if _values(preset) == _values(config):
