@@ -133,7 +133,8 @@ def _undefined_macros() -> list[str]:
     missing = []
     for (scope, selector), params in gin_config._CONFIG.items():
         for param, value in params.items():
-            if isinstance(value, gin_config.ConfigurableReference) and value.selector == "gin.macro":
+            if (isinstance(value, gin_config.ConfigurableReference)
+                    and value.selector == "gin.macro"):
                 macro = value.scoped_selector.split("/")[0]
                 try:
                     gin.query_parameter(f"{macro}/gin.macro.value")
@@ -146,7 +147,8 @@ def _undefined_macros() -> list[str]:
 def _check_required(name: str, obj: Any) -> None:
     for field in dataclasses.fields(obj):
         if getattr(obj, field.name) is gin.REQUIRED:
-            raise ConfigError(f"{name}.{field.name} is required (bound to %gin.REQUIRED) but not set")
+            raise ConfigError(
+                f"{name}.{field.name} is required (bound to %gin.REQUIRED) but not set")
 
 
 def load(
@@ -169,7 +171,8 @@ def load(
     for path in gin_files:
         _parse_one(functools.partial(gin.parse_config_file, path), "gin file", path)
     for binding in gin_bindings:
-        _parse_one(functools.partial(gin.parse_config, binding), "binding", f"--gin_bindings={binding!r}")
+        _parse_one(functools.partial(gin.parse_config, binding), "binding",
+                   f"--gin_bindings={binding!r}")
     missing = _undefined_macros()
     if missing:
         raise ConfigError("undefined gin macro: " + "; ".join(missing))

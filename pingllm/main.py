@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 
 FLAGS = flags.DEFINE_multi_string("gin_file", [], "Gin config file (repeatable; later wins).")
-BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin binding, e.g. 'STEPS=10' (repeatable).")
+BINDINGS = flags.DEFINE_multi_string("gin_bindings", [],
+                                     "Gin binding, e.g. 'STEPS=10' (repeatable).")
 SEARCH = flags.DEFINE_multi_string("gin_search_paths", [], "Extra directories for gin includes.")
 COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")

@@ -42,7 +42,8 @@ def test_latency_network_is_the_original_research_config():
         267, 20, 640, 10, 64, 2048,
     )
     assert (m.max_target_length, m.dropout_rate, m.dtype) == (1024, 0.1, "bfloat16")
-    assert (o.peak_learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (3e-4, 0.9, 0.999, 1e-8, 0.01)
+    assert (o.peak_learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (
+        3e-4, 0.9, 0.999, 1e-8, 0.01)
     assert (o.warmup_steps, o.decay_end_step) == (2000, 200_000)
     assert cfg.data.global_batch_size == 32
     assert cfg.checkpoint.checkpoint_period == 1000
@@ -96,7 +97,8 @@ def test_unclosed_bracket_names_the_file(tmp_path):
 
 def test_missing_required_value_is_named(tmp_path):
     exp = tmp_path / "manual.gin"
-    exp.write_text(f"include '{REPO}/gin/quickstart.gin'\ninclude '{REPO}/gin/data/ripe_atlas.gin'\n")
+    exp.write_text(f"include '{REPO}/gin/quickstart.gin'\n"
+                   f"include '{REPO}/gin/data/ripe_atlas.gin'\n")
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.load([str(exp)])
     assert "DataConfig.manual_dir" in str(e.value) and "required" in str(e.value)

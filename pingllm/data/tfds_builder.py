@@ -112,7 +112,8 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
     """Ping measurement records: consecutive measurements of one source address."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Records of tokenization v1; train/test split by pair hash."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Records of tokenization v1; train/test split by pair hash."}
     BUILDER_CONFIGS: ClassVar[list] = list(PRESETS)
     DEFAULT_CONFIG_NAME = "synthetic"
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
