@@ -213,6 +213,26 @@ def test_flipped_byte_is_named_skipped_and_kept(tmp_path, caplog):
                                                                   (5, "complete")]
 
 
+def test_corrupt_step_that_orbax_cannot_read_is_skipped_before_it_is_read(tmp_path, caplog):
+    # A flipped first byte of the OCDBT root manifest makes Orbax's own read fail (DATA_LOSS,
+    # already when reading the tree's metadata): verification must reject the step first, so
+    # the restore falls back to step 1 instead of aborting.
+    save_steps(tmp_path, [1, 2], mesh_of(4), max_num_checkpoints_to_keep=2)
+    root = tmp_path / "checkpoints"
+    manifest = root / "2" / "items" / "manifest.ocdbt"
+    _flip_one_byte(manifest, 0)
+    with pytest.raises(ValueError, match="DATA_LOSS"):
+        restore(tmp_path, mesh_of(4), verify_checksums=False)
+    problems = ck.verify_step(root / "2")
+    assert problems == [f"{manifest}: sha256 differs from the recorded one"]
+    with caplog.at_level(logging.ERROR, logger="pingllm.checkpointing"):
+        result, it = restore(tmp_path, mesh_of(4))
+    assert (result.step, result.source, it.step) == (1, "persistent", 1)
+    assert mismatches(result.state, 1) == []
+    assert result.skipped == ((str(root / "2"), problems[0]),)
+    assert str(manifest) in caplog.text
+
+
 def test_shape_and_dtype_mismatch_name_the_parameter(tmp_path):
     save_steps(tmp_path, [1], mesh_of(2))
     with pytest.raises(ck.RestoreMismatchError) as e:
