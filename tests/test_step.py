@@ -1,5 +1,4 @@
-"""Loss, optimizer and the jitted train/eval steps on tiny shapes (plus one full-shape step)."""
-
+"""Loss, optimizer and the jitted train/eval steps on tiny shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -226,7 +225,6 @@ def test_optimizer_config_validation():
         OptimizerConfig(grad_clip_norm=-1.0)
 
 
-@pytest.mark.slow
 def test_objective_weights_novel_results():
     rng = np.random.default_rng(4)
     batch = make_batch(seed=4)
