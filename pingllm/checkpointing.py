@@ -329,7 +329,7 @@ def _flat_by_name(tree: Any) -> dict[str, Any]:
 
 def stored_tree_metadata(items_dir: str | os.PathLike) -> Any:
     """Orbax's metadata tree (ArrayMetadata leaves: shape, dtype, sharding) of a state item."""
-    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(items_dir))
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(items_dir).absolute())
     return getattr(meta, "tree", meta)
 
 
@@ -448,7 +448,7 @@ class _Tier:
                  keep: int | None, keep_period: int | None, verify_checksums: bool,
                  use_compression: bool):
         self.name = name
-        self.directory = Path(directory)
+        self.directory = Path(directory).absolute()  # Orbax's OCDBT paths must be absolute
         self.verify_checksums = verify_checksums
         self.pinned: set[int] = set()
         self._pending: _Pending | None = None
@@ -752,7 +752,7 @@ class Checkpointer:
         return True
 
     def _restore_full_state(self, abstract_state, iterator, t0, timings, skipped):
-        step_dir = Path(self.config.load_full_state_path)
+        step_dir = Path(self.config.load_full_state_path).absolute()
         problems = verify_step(step_dir, check_hashes=self.config.verify_checksums)
         if problems:
             raise ValueError(f"load_full_state_path {step_dir} failed verification: "
@@ -789,7 +789,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, *,
 
     prefer_ema: a train state's moving average ('ema_params') when it has one, else 'params'.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax's OCDBT paths must be absolute
     items_dir = path / STATE_ITEM if (path / STATE_ITEM).is_dir() else path
     stored = stored_tree_metadata(items_dir)
     field = None  # a params-only checkpoint is the parameter tree itself

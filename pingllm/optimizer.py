@@ -29,6 +29,9 @@ class OptimizerConfig:
     # Loss weight of result tokens whose destination is new to the window (1 = plain mean): the
     # tokens a never-seen pair's prediction rests on; the rest are mostly copies of earlier pings.
     novel_result_weight: float = 1.0
+    # Std, in ln(RTT), of the Gaussian the first RTT byte's training target is spread over
+    # (0 = one-hot): nearby RTT bins share the credit (step.rtt_smoothed_cross_entropy).
+    rtt_label_sigma: float = 0.0
     # A moving average of the parameters, kept in TrainState.ema_params and used for
     # evaluation and prediction (0 = off): the parameters after each step past ema_start_step,
     # weighted ema_decay**age and normalised (1.0 = their plain mean: tail averaging).
@@ -44,6 +47,9 @@ class OptimizerConfig:
         if self.novel_result_weight <= 0:
             raise ValueError(f"OptimizerConfig: novel_result_weight={self.novel_result_weight} "
                              "must be > 0")
+        if self.rtt_label_sigma < 0:
+            raise ValueError(f"OptimizerConfig: rtt_label_sigma={self.rtt_label_sigma} must be "
+                             ">= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"OptimizerConfig: ema_decay={self.ema_decay} must be in [0, 1]")
         if self.ema_start_step < 0:

@@ -326,7 +326,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     """(run_dir, step_dir) of a run directory, its checkpoints/ directory or a step directory."""
     from pingllm import checkpointing
 
-    p = Path(path).expanduser()
+    p = Path(path).expanduser().absolute()
     if (p / "items").is_dir():
         return p.parent.parent, p
     run_dir = p.parent if p.name == "checkpoints" else p

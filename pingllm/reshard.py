@@ -378,12 +378,12 @@ def reshard(
     """
     t0 = time.perf_counter()
     return_large_allocations_to_os()
-    src = epath.Path(input_step)
+    src = epath.Path(input_step).absolute()  # Orbax's OCDBT paths must be absolute
     problems = checkpointing.verify_step(src)
     if problems:
         raise ReshardError(f"input {src} is not a complete checkpoint: {problems[0]}")
     step = int(src.name)
-    dst = output_step_dir(epath.Path(output), step)
+    dst = output_step_dir(epath.Path(output).absolute(), step)
     if dst.exists() or glob.glob(f"{dst}.orbax-checkpoint-tmp*"):
         raise ReshardError(f"output {dst} already exists: refusing to overwrite it")
     src_items = items_dir_of(src)

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
@@ -28,15 +29,58 @@ FIELD_GROUPS: dict[str, tuple[int, ...]] = {
 Batch = Mapping[str, jax.Array]
 
 
-def loss_sums(logits_BxLxV: jax.Array, batch: Batch) -> dict[str, jax.Array]:
+def _rtt_byte1_log_edges() -> tuple[np.ndarray, np.ndarray]:
+    """ln(us) of the lower and upper RTT edge of each first RTT byte (exponent, top 3 mantissa
+    bits); bytes no canonical code starts with get an empty bin."""
+    byte1 = np.arange(256)
+    exponent, top = byte1 >> 3, byte1 & 7
+    canonical = (exponent == 0) | (top >= 4)
+    with np.errstate(divide="ignore"):
+        lo = np.log(np.ldexp(top * 256.0, exponent))
+        hi = np.log(np.ldexp((top + 1) * 256.0, exponent))
+    return np.where(canonical, lo, 0.0), np.where(canonical, hi, 0.0)
+
+
+def rtt_smoothed_cross_entropy(logits_BxLxV: jax.Array, batch: Batch,
+                               sigma: float) -> jax.Array:
+    """Per-token cross-entropy where the first RTT byte's target is a Gaussian in ln(RTT)
+    (std `sigma`) integrated over each byte's RTT range (HL-Gauss, Imani & White 2018), centred
+    on the measured RTT; every other token's target is one-hot."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    targets_BxL = batch["targets"]
+    hard_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    # The first RTT byte is predicted where RTT_START is the input; the second is the next target.
+    byte1_BxL = jnp.clip(targets_BxL - tokens.BYTE_OFFSET, 0, 255)
+    byte2_BxL = jnp.clip(jnp.roll(targets_BxL, -1, axis=1) - tokens.BYTE_OFFSET, 0, 255)
+    code_BxL = byte1_BxL * 256 + byte2_BxL
+    rtt_us_BxL = jnp.ldexp((code_BxL & 2047).astype(jnp.float32), code_BxL >> 11)
+    mu_BxLx1 = jnp.log(jnp.maximum(rtt_us_BxL, 1.0))[..., None]
+    lo_K, hi_K = (jnp.asarray(e, jnp.float32) for e in _rtt_byte1_log_edges())
+    mass_BxLxK = (jax.scipy.special.ndtr((hi_K - mu_BxLx1) / sigma)
+                  - jax.scipy.special.ndtr((lo_K - mu_BxLx1) / sigma))
+    mass_BxLxK = mass_BxLxK * (hi_K > lo_K)
+    q_BxLxK = mass_BxLxK / jnp.maximum(jnp.sum(mass_BxLxK, -1, keepdims=True), 1e-30)
+    logp_BxLxK = jax.nn.log_softmax(logits_BxLxV, axis=-1)[
+        ..., tokens.BYTE_OFFSET:tokens.BYTE_OFFSET + 256]
+    soft_BxL = -jnp.sum(q_BxLxK * logp_BxLxK, axis=-1)
+    is_byte1_BxL = (batch["inputs"] == tokens.RTT_START) & (targets_BxL >= tokens.BYTE_OFFSET)
+    return jnp.where(is_byte1_BxL, soft_BxL, hard_BxL)
+
+
+def loss_sums(logits_BxLxV: jax.Array, batch: Batch,
+              rtt_sigma: float = 0.0) -> dict[str, jax.Array]:
     """Weighted cross-entropy sums and token counts, in total and per field group (float32).
 
     Keys: 'loss_sum', 'tokens', 'loss_sum/<group>', 'tokens/<group>'. Sums, not means, so that
-    eval can add them over batches and divide once.
+    eval can add them over batches and divide once. `rtt_sigma` > 0: the first RTT byte's
+    target is smoothed (`rtt_smoothed_cross_entropy`).
     """
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxLxV.astype(jnp.float32), batch["targets"]
-    )
+    if rtt_sigma > 0:
+        ce_BxL = rtt_smoothed_cross_entropy(logits_BxLxV, batch, rtt_sigma)
+    else:
+        ce_BxL = optax.softmax_cross_entropy_with_integer_labels(
+            logits_BxLxV.astype(jnp.float32), batch["targets"]
+        )
     weights_BxL = batch["weights"].astype(jnp.float32)
     sums = {"loss_sum": jnp.sum(ce_BxL * weights_BxL), "tokens": jnp.sum(weights_BxL)}
     for name, field_ids in FIELD_GROUPS.items():
@@ -74,8 +118,9 @@ def means_from_sums(sums: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None,
-            novel_result_weight: float = 1.0):
-    """(objective, sums); dropout is on iff a dropout key is given."""
+            novel_result_weight: float = 1.0, rtt_sigma: float = 0.0):
+    """(objective, sums); dropout is on iff a dropout key is given. The sums are plain
+    cross-entropy; `rtt_sigma` smooths the objective's RTT targets only."""
     logits_BxLxV = model.apply(
         {"params": params},
         batch["inputs"],
@@ -85,7 +130,8 @@ def loss_fn(params, batch: Batch, *, model: Transformer, dropout_key=None,
         rngs=None if dropout_key is None else {"dropout": dropout_key},
     )
     sums = loss_sums(logits_BxLxV, batch)
-    return objective(sums, novel_result_weight), sums
+    objective_sums = loss_sums(logits_BxLxV, batch, rtt_sigma) if rtt_sigma > 0 else sums
+    return objective(objective_sums, novel_result_weight), sums
 
 
 def train_step(
@@ -98,13 +144,15 @@ def train_step(
     dropout_key: jax.Array,
     novel_result_weight: float = 1.0,
     params_average: Callable | None = None,
+    rtt_sigma: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step. Metrics: loss (the plain per-token mean, whatever the objective's
     weights), loss/<group>, tokens, tokens/<group>, grad_norm (before clipping) and
     learning_rate (the rate this step's update used)."""
     step_key = jax.random.fold_in(dropout_key, state.step)
     grad_fn = jax.grad(functools.partial(loss_fn, model=model, dropout_key=step_key,
-                                         novel_result_weight=novel_result_weight), has_aux=True)
+                                         novel_result_weight=novel_result_weight,
+                                         rtt_sigma=rtt_sigma), has_aux=True)
     grads, sums = grad_fn(state.params, batch)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -151,12 +199,13 @@ def make_train_step(
     rules: partitioning.Rules,
     novel_result_weight: float = 1.0,
     params_average: Callable | None = None,
+    rtt_sigma: float = 0.0,
 ) -> MeshFunction:
     """(state, batch, dropout_key) -> (state, metrics); the input state's buffers are donated."""
     fn = functools.partial(
         _train_step_positional, model=Transformer(model_cfg), optimizer=optimizer,
         schedule=schedule, novel_result_weight=novel_result_weight,
-        params_average=params_average,
+        params_average=params_average, rtt_sigma=rtt_sigma,
     )
     replicated = partitioning.replicated(mesh)
     jitted = jax.jit(
@@ -185,7 +234,7 @@ def make_eval_step(
 
 
 def _train_step_positional(state, batch, dropout_key, *, model, optimizer, schedule,
-                           novel_result_weight, params_average):
+                           novel_result_weight, params_average, rtt_sigma):
     return train_step(state, batch, model=model, optimizer=optimizer, schedule=schedule,
                       dropout_key=dropout_key, novel_result_weight=novel_result_weight,
-                      params_average=params_average)
+                      params_average=params_average, rtt_sigma=rtt_sigma)

@@ -87,6 +87,7 @@ def build(cfg: config_lib.Config) -> Setup:
         cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules,
         novel_result_weight=cfg.optimizer.novel_result_weight,
         params_average=optimizer_lib.params_average(cfg.optimizer),
+        rtt_sigma=cfg.optimizer.rtt_label_sigma,
     )
     eval_step = step_lib.make_eval_step(cfg.model, shardings.params, batch_sharding, mesh, rules)
     return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step)

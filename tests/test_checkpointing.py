@@ -154,6 +154,18 @@ def test_period_and_force(tmp_path):
     assert [i.step for i in ck.list_steps(tmp_path / "checkpoints")] == [5, 7]
 
 
+def test_relative_run_directory_saves_and_restores(tmp_path, monkeypatch):
+    # Orbax's OCDBT paths must be absolute: a run directory relative to the working directory
+    # (BASE_OUTPUT_DIRECTORY="outputs", --checkpoint outputs/run) is made absolute first.
+    monkeypatch.chdir(tmp_path)
+    save_steps("run", [1, 2], mesh_of(2))
+    assert (tmp_path / "run/checkpoints/2/items/manifest.ocdbt").is_file()
+    result, it = restore("run", mesh_of(2))
+    assert (result.step, it.step, mismatches(result.state, 2)) == (2, 2, [])
+    params = ck.restore_params("run/checkpoints/2", abstract_state(mesh_of(1))["params"])
+    np.testing.assert_array_equal(np.asarray(params["w"]), expected_leaves(2)["params.w"])
+
+
 def test_stale_tmp_dirs_are_listed_incomplete_then_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     stale = root / "3.orbax-checkpoint-tmp-1234"

@@ -216,10 +216,11 @@ def test_quantiles_ordered_and_p_fail_a_probability(predictor, world_rows):
 # ---- the CLI ----
 
 
-def test_cli_single_pair(tiny_run, world_rows, capsys):
+def test_cli_single_pair(tiny_run, world_rows, capsys, monkeypatch):
     _, table = world_rows
     src, dst = table["src_addr"][0].as_py(), table["dst_addr"][0].as_py()
-    assert predict.main(["--checkpoint", tiny_run, "--src", src, "--dst", dst,
+    monkeypatch.chdir(Path(tiny_run).parent)  # a checkpoint path relative to the working dir
+    assert predict.main(["--checkpoint", Path(tiny_run).name, "--src", src, "--dst", dst,
                          "--time", "2025-03-03T12:00:00Z"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"src={src} dst={dst} p_fail=") and "rtt_p50=" in line

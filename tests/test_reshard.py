@@ -33,8 +33,8 @@ def named(tree) -> dict[str, np.ndarray]:
     return {leaf_name(p): np.asarray(v) for p, v in leaves}
 
 
-def tool(*args, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO,
+def tool(*args, check=True, cwd=REPO) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -92,8 +92,10 @@ def chain(tmp_path_factory):
                 "--mesh", "fsdp=4,tensor=2", "--max_buffer_mb", 0.01, "--json")
     dst = s.run_dir("rs8") / "checkpoints" / "4"
     params_dir = s.out / "rs8_params_bf16" / "checkpoints" / "4"
-    params = tool("--input", dst, "--output", params_dir, "--num_devices", 8, "--content",
-                  "params", "--param_dtype", "bfloat16", "--json")
+    # Paths relative to the working directory (Orbax needs absolute ones: the tool makes them so).
+    params = tool("--input", dst.relative_to(s.out), "--output", params_dir.relative_to(s.out),
+                  "--num_devices", 8, "--content", "params", "--param_dtype", "bfloat16", "--json",
+                  cwd=s.out)
     return s, src, dst, params_dir, json.loads(full.stdout), json.loads(params.stdout)
 
 

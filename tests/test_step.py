@@ -1,5 +1,7 @@
 """Loss, optimizer and the jitted train/eval steps on tiny shapes."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 from pingllm import partitioning, step
+from pingllm.data import tokens
 from pingllm.model import ModelConfig
 from pingllm.optimizer import OptimizerConfig, decay_mask, make_optimizer, make_schedule
 from pingllm.partitioning import MeshConfig
@@ -255,3 +258,65 @@ def test_novel_result_weight_changes_the_update_not_the_logged_loss(four):
     assert float(metrics_a["loss"]) == float(metrics_b["loss"])
     assert float(metrics_a["loss/novel_result"]) == float(metrics_b["loss/novel_result"])
     assert float(metrics_a["grad_norm"]) != float(metrics_b["grad_norm"])
+
+
+def _rtt_batch(rtts_ms):
+    """One row: RTT_START, byte1, byte2 per RTT (byte1 predicted where RTT_START is the input)."""
+    byte1, byte2 = tokens.rtt_code_to_bytes(tokens.encode_rtt(np.asarray(rtts_ms)))
+    seq = [tok for b1, b2 in zip(byte1, byte2)
+           for tok in (tokens.RTT_START, tokens.BYTE_OFFSET + b1, tokens.BYTE_OFFSET + b2)]
+    inputs = np.asarray([seq], np.int32)
+    targets = np.concatenate([inputs[:, 1:], [[tokens.RTT_START]]], axis=1).astype(np.int32)
+    return {"inputs": inputs, "targets": targets}
+
+
+def test_rtt_smoothed_targets_are_gaussian_mass_over_rtt_bins():
+    rtts = [0.3, 12.3, 50.0, 180.0, 2500.0]
+    batch = _rtt_batch(rtts)
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(1, batch["inputs"].shape[1], 384)).astype(np.float32)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    hard = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+    # Each first RTT byte's range from the codes it starts (byte1 0 holds 1-255 us).
+    canonical = [b for b in range(256) if tokens.is_canonical_rtt_code(b << 8 | 255)]
+    edges = {b: (tokens.decode_rtt(b << 8) * 1000, tokens.decode_rtt(b << 8 | 255) * 1000
+                 + 2.0 ** (b >> 3)) for b in canonical}
+    sigma = 0.2
+    got = np.asarray(step.rtt_smoothed_cross_entropy(jnp.asarray(logits), batch, sigma))
+    phi = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
+    for i, rtt in enumerate(rtts):
+        mu = math.log(rtt * 1000)
+        q = {b: phi((math.log(hi) - mu) / sigma) - (phi((math.log(lo) - mu) / sigma) if lo > 0
+                                                    else 0.0) for b, (lo, hi) in edges.items()}
+        total = sum(q.values())
+        want = -sum(m / total * log_probs[0, 3 * i, tokens.BYTE_OFFSET + b] for b, m in q.items())
+        assert got[0, 3 * i] == pytest.approx(want, rel=1e-4)
+        # Every other token (RTT_START, the second RTT byte) keeps its one-hot target.
+        np.testing.assert_allclose(got[0, 3 * i + 1:3 * i + 3], hard[0, 3 * i + 1:3 * i + 3],
+                                   rtol=1e-5)
+    # Logits sure of the measured bin: nearly no loss one-hot, a real loss smoothed.
+    peaked = np.where(np.arange(384) == batch["targets"][..., None], 20.0, 0.0)
+    sure = np.asarray(step.rtt_smoothed_cross_entropy(jnp.asarray(peaked), batch, sigma))
+    assert np.all(sure[0, ::3] > 1.0) and np.all(sure[0, 1::3] < 1e-5)
+    # A narrow Gaussian inside one bin is that bin's one-hot target.
+    narrow = np.asarray(step.rtt_smoothed_cross_entropy(jnp.asarray(logits), batch, 1e-4))
+    np.testing.assert_allclose(narrow, hard, rtol=1e-5)
+
+
+def test_rtt_label_sigma_changes_the_update_not_the_logged_loss(four):
+    host = make_batch(seed=7)
+    byte1, byte2 = tokens.rtt_code_to_bytes(tokens.encode_rtt(np.linspace(1.0, 300.0, B)))
+    host["inputs"][:, :3] = np.stack([np.full(B, tokens.RTT_START), tokens.BYTE_OFFSET + byte1,
+                                      tokens.BYTE_OFFSET + byte2], axis=1)
+    host["targets"][:, :2] = host["inputs"][:, 1:3]
+    batch = partitioning.make_global_batch(host, four.mesh, RULES)
+    smoothed = step.make_train_step(TINY, four.optimizer, four.schedule, four.shardings,
+                                    partitioning.batch_sharding(four.mesh, RULES), four.mesh,
+                                    RULES, rtt_sigma=0.3)
+    _, metrics_a = four.train_step(four.fresh_state(), batch, jax.random.key(0))
+    _, metrics_b = smoothed(four.fresh_state(), batch, jax.random.key(0))
+    assert float(metrics_a["loss"]) == pytest.approx(float(metrics_b["loss"]), rel=1e-6)
+    assert float(metrics_a["grad_norm"]) != pytest.approx(float(metrics_b["grad_norm"]), rel=1e-4)
+    with pytest.raises(ValueError, match="rtt_label_sigma"):
+        OptimizerConfig(rtt_label_sigma=-0.1)
