@@ -151,13 +151,15 @@ def span_tokens_per_s(steps: list[tuple[int, float]], tokens: int) -> float | No
 
 def _model_bindings(size: dict) -> list[str]:
     """The model shape both pingllm runs use; MaxText's plain model, objective and windows
-    (none of the quickstart's slot embedding, result weighting or window augmentations)."""
+    (none of the quickstart's slot embedding, result weighting, smoothed RTT target or window
+    augmentations)."""
     return [
         f"ModelConfig.num_layers={size['layers']}", f"ModelConfig.emb_dim={size['emb']}",
         f"ModelConfig.num_heads={size['heads']}", f"ModelConfig.head_dim={size['head_dim']}",
         f"ModelConfig.mlp_dim={size['mlp']}", f"ModelConfig.dropout_rate={DROPOUT}",
         'ModelConfig.dtype="bfloat16"', f"ModelConfig.scan_unroll={size['layers']}",
-        "OptimizerConfig.novel_result_weight=1.0", "ModelConfig.field_slot_embedding=False",
+        "OptimizerConfig.novel_result_weight=1.0", "OptimizerConfig.rtt_label_sigma=0.0",
+        "ModelConfig.field_slot_embedding=False",
         "DataConfig.dedupe_rate=0.0", "DataConfig.anonymise_source_rate=0.0",
         f"MAX_TARGET_LENGTH={size['seq']}",
     ]
