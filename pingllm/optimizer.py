@@ -14,8 +14,8 @@ NO_DECAY_NAMES = ("scale", "bias")
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW hyperparameters (and the objective's one token weight); the schedule is in absolute
-    optimizer steps."""
+    """AdamW hyperparameters (and the objective's two knobs: a token weight and the RTT target's
+    smoothing); the schedule is in absolute optimizer steps."""
 
     peak_learning_rate: float = 3e-4
     warmup_steps: int = 2000
