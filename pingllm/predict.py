@@ -70,10 +70,7 @@ class Predictions:
 
 # ---- the code distribution ----
 
-_BYTES = np.arange(256)
-# Canonical b1: exponent 0 takes any top-mantissa bits; exponents >= 1 need the mantissa's top
-# bit (m >= 1024), i.e. b1's low three bits in 4..7.
-CANONICAL_B1 = ((_BYTES >> 3) == 0) | ((_BYTES & 7) >= 4)
+CANONICAL_B1 = tokens.CANONICAL_RTT_BYTE1  # first bytes (b1) a canonical RTT code starts with
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -326,7 +323,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     """(run_dir, step_dir) of a run directory, its checkpoints/ directory or a step directory."""
     from pingllm import checkpointing
 
-    p = Path(path).expanduser().absolute()
+    p = Path(path).expanduser()
     if (p / "items").is_dir():
         return p.parent.parent, p
     run_dir = p.parent if p.name == "checkpoints" else p

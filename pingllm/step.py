@@ -30,15 +30,9 @@ Batch = Mapping[str, jax.Array]
 
 
 def _rtt_byte1_log_edges() -> tuple[np.ndarray, np.ndarray]:
-    """ln(us) of the lower and upper RTT edge of each first RTT byte (exponent, top 3 mantissa
-    bits); bytes no canonical code starts with get an empty bin."""
-    byte1 = np.arange(256)
-    exponent, top = byte1 >> 3, byte1 & 7
-    canonical = (exponent == 0) | (top >= 4)
+    """ln(us) of each first RTT byte's RTT range (-inf, -inf: no canonical code)."""
     with np.errstate(divide="ignore"):
-        lo = np.log(np.ldexp(top * 256.0, exponent))
-        hi = np.log(np.ldexp((top + 1) * 256.0, exponent))
-    return np.where(canonical, lo, 0.0), np.where(canonical, hi, 0.0)
+        return tuple(np.log(edge) for edge in tokens.rtt_byte1_ranges_us())
 
 
 def rtt_smoothed_cross_entropy(logits_BxLxV: jax.Array, batch: Batch,
@@ -53,7 +47,8 @@ def rtt_smoothed_cross_entropy(logits_BxLxV: jax.Array, batch: Batch,
     byte1_BxL = jnp.clip(targets_BxL - tokens.BYTE_OFFSET, 0, 255)
     byte2_BxL = jnp.clip(jnp.roll(targets_BxL, -1, axis=1) - tokens.BYTE_OFFSET, 0, 255)
     code_BxL = byte1_BxL * 256 + byte2_BxL
-    rtt_us_BxL = jnp.ldexp((code_BxL & 2047).astype(jnp.float32), code_BxL >> 11)
+    rtt_us_BxL = jnp.ldexp((code_BxL & 2047).astype(jnp.float32),
+                           code_BxL >> tokens.RTT_MANTISSA_BITS)
     mu_BxLx1 = jnp.log(jnp.maximum(rtt_us_BxL, 1.0))[..., None]
     lo_K, hi_K = (jnp.asarray(e, jnp.float32) for e in _rtt_byte1_log_edges())
     mass_BxLxK = (jax.scipy.special.ndtr((hi_K - mu_BxLx1) / sigma)

@@ -192,6 +192,23 @@ def test_rtt_code_exhaustive_round_trip():
     assert T.decode_rtt(65535) == 2047 * 2**31 / 1000
 
 
+def test_rtt_byte1_ranges_tile_the_rtt_axis():
+    lo, hi = T.rtt_byte1_ranges_us()
+    pinned = {0: (0, 256), 7: (1792, 2048), 8: (0, 0), 11: (0, 0), 12: (2048, 2560),
+              15: (3584, 4096), 255: (7 * 256 * 2**31, 8 * 256 * 2**31)}
+    assert {b: (lo[b], hi[b]) for b in pinned} == pinned
+    assert T.CANONICAL_RTT_BYTE1.sum() == 8 + 31 * 4
+    np.testing.assert_array_equal(T.CANONICAL_RTT_BYTE1, hi > lo)
+    # In RTT order the canonical ranges are contiguous from 0 us ...
+    order = np.argsort(lo[T.CANONICAL_RTT_BYTE1])
+    starts, ends = lo[T.CANONICAL_RTT_BYTE1][order], hi[T.CANONICAL_RTT_BYTE1][order]
+    assert starts[0] == 0 and np.array_equal(starts[1:], ends[:-1])
+    # ... and every canonical code's RTT lies in the range of its first byte.
+    codes = np.arange(T.NUM_RTT_CODES)[T.is_canonical_rtt_code(np.arange(T.NUM_RTT_CODES))]
+    us = T.decode_rtt(codes) * 1000
+    assert np.all((lo[codes >> 8] <= us) & (us < hi[codes >> 8]))
+
+
 def test_rtt_code_bytes():
     code = T.encode_rtt(3.0)  # 3000 us -> exponent 1, mantissa 1500
     assert int(code) == (1 << 11) | 1500

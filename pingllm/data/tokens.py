@@ -144,8 +144,12 @@ def _rtt_codes(rtt_ms) -> np.ndarray:
 
 def decode_rtt(codes) -> np.ndarray:
     """RTTs in ms (float64) of RTT codes."""
+    return _decode_us(codes) / 1000.0
+
+
+def _decode_us(codes) -> np.ndarray:
     codes = np.asarray(codes).astype(np.int64)
-    return np.ldexp((codes & 2047).astype(np.float64), codes >> RTT_MANTISSA_BITS) / 1000.0
+    return np.ldexp((codes & 2047).astype(np.float64), codes >> RTT_MANTISSA_BITS)
 
 
 def rtt_code_to_bytes(codes):
@@ -164,6 +168,19 @@ def is_canonical_rtt_code(codes) -> np.ndarray:
     codes = np.asarray(codes).astype(np.int64)
     e, m = codes >> RTT_MANTISSA_BITS, codes & 2047
     return np.where(e == 0, m >= 1, m >= 1024)
+
+
+# First RTT bytes (exponent, top 3 mantissa bits) that some canonical code starts with.
+CANONICAL_RTT_BYTE1 = is_canonical_rtt_code(np.arange(256) << 8 | 255)
+
+
+def rtt_byte1_ranges_us() -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) in us (float64[256]) of the RTTs whose codes start with each first RTT byte
+    (codes b1 << 8 .. b1 << 8 | 255); (0, 0) for bytes no canonical code starts with."""
+    first = np.arange(256) << 8
+    lo = _decode_us(first)
+    hi = _decode_us(first | 255) + np.ldexp(1.0, first >> RTT_MANTISSA_BITS)
+    return np.where(CANONICAL_RTT_BYTE1, lo, 0.0), np.where(CANONICAL_RTT_BYTE1, hi, 0.0)
 
 
 # ---- stable hashing and the window's random stream ----
