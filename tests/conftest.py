@@ -1,4 +1,4 @@
-"""Test setup: 8 CPU devices, CPU-only JAX, shared fixtures."""
+"""Test setup: 8 CPU devices, CPU-only JAX, the repository's fixtures."""
 
 import os
 import sys
@@ -20,7 +20,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+FIXTURES = REPO / "tests" / "fixtures"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -32,7 +32,5 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    path = SHARED / "fixtures" / "ripe_atlas"
-    if not path.exists():
-        pytest.fail(f"shared fixtures missing at {path}")
-    return path
+    """Real RIPE Atlas results and edge cases (provenance: ping_results.sources.tsv)."""
+    return FIXTURES / "ripe_atlas"
