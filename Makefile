@@ -2,12 +2,13 @@
 #   make quickstart   create .venv, install pingllm, train gin/quickstart.gin on the built-in synthetic
 #                     Internet, then evaluate it against the baselines on held-out pairs
 #   make test         create .venv, install pingllm with test extras, run the whole test suite
+# Developer loop: make lint (ruff), make test-fast (the tests not marked slow).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test venv bench clean
+.PHONY: quickstart test test-fast lint venv bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,12 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pingllm tests tools benchmarks launch
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
