@@ -1,4 +1,4 @@
-"""Check the synthetic Internet against DATA.md §3 at full size (>= 1M rows, default seed).
+"""The synthetic Internet against docs/data_rules.md §3 at full size (>= 1M rows, default seed).
 
     python benchmarks/check_synthetic.py [--rows 1000000] [--seed 0]
 

@@ -323,7 +323,7 @@ class Transformer(nn.Module):
     ):
         cfg = self.config
         if positions_BxL is None:
-            # Windows hold one segment starting at position 0 (CONTRACTS.md), so positions are
+            # Windows hold one segment starting at position 0 (docs/CONTRACTS.md), so positions are
             # simply the indices; padding positions are never seen by real tokens anyway.
             positions_BxL = jnp.broadcast_to(jnp.arange(inputs_BxL.shape[1]), inputs_BxL.shape)
         table_VxD = self.param(

@@ -31,7 +31,7 @@ B, L = 8, 16
 
 
 def make_batch(seed: int = 0, batch_size: int = B, length: int = L) -> dict[str, np.ndarray]:
-    """A batch as CONTRACTS.md describes it: one window per row, real tokens then padding."""
+    """A batch as docs/CONTRACTS.md describes it: one window per row, real tokens then padding."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(length // 2, length + 1, batch_size)
     real = np.arange(length)[None, :] < lengths[:, None]

@@ -1,4 +1,4 @@
-"""The synthetic Internet against DATA.md §3, at test size (200k rows, default seed)."""
+"""The synthetic Internet against docs/data_rules.md §3, at test size (200k rows, default seed)."""
 
 import hashlib
 import importlib.util

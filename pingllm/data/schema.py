@@ -1,4 +1,4 @@
-"""The measurement row (DATA.md §1) and binary address helpers."""
+"""The measurement row (docs/data_rules.md §1) and binary address helpers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The synthetic Internet (DATA.md §3): a seeded, vectorised world of ping rows with known truth.
+"""The synthetic Internet (docs/data_rules.md §3): a seeded, vectorised world of ping rows.
 
 The world (cities, ASes, prefixes, hosts, measurement streams) is built once from the seed;
 rows are then drawn stream by stream with numpy. Everything a row depends on that the ground
@@ -10,8 +10,8 @@ Decisions (each one line of why):
 
 - A "stream" for gap statistics is one source's time line across its measurements (what
   `records.rows_to_records` groups and the tokenizer's time deltas see): with 240 s intervals
-  dominant, only that reading gives DATA.md's 60 s median gap. Gaps per (msm_id, probe) are
-  the measurement intervals themselves (240 s dominant).
+  dominant, only that reading gives docs/data_rules.md's 60 s median gap. Gaps per
+  (msm_id, probe) are the measurement intervals themselves (240 s dominant).
 - Anycast services (the built-ins' targets) own one prefix whose city is `ANYCAST_CITY`; the
   instance that answers is the source's catchment, so floors and truths resolve it per source.
 - The anchor mesh is a sample of partner anchors per anchor (not all ~970), else anchors'
@@ -186,7 +186,7 @@ for (_a, _b), _f in {
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
-    """Sizes and rates of the synthetic world; defaults are calibrated to DATA.md §3."""
+    """Sizes and rates of the synthetic world; defaults are calibrated to docs/data_rules.md §3."""
 
     num_ases: int = 2000
     num_probes: int = 13_400
