@@ -29,7 +29,7 @@ class RunConfig:
     """Run-level settings (the MaxText-named macros of the run gin files)."""
 
     run_name: str = "latency_network"
-    base_output_directory: str = "/tmp/pingllm"
+    base_output_directory: str = "/tmp/pingllm/outputs"  # as gin/runs/pretrain.gin
     steps: int = 200_000
     log_period: int = 100
     eval_interval: int = 1_000  # <= 0 disables periodic eval

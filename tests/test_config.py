@@ -1,5 +1,6 @@
 """Gin at the edge: every shipped file parses, and every bad config names its source."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,33 @@ def test_latency_network_is_the_original_research_config():
     assert cfg.data.global_batch_size == 32
     assert cfg.checkpoint.checkpoint_period == 1000
     assert cfg.run.steps == 200_000
+
+
+def test_each_default_has_one_value():
+    """The dataclass defaults are the research config: gin files restate them, never disagree."""
+    cfg = config_lib.load([str(REPO / "gin/latency_network.gin")])
+    disagree = []
+    for part in dataclasses.fields(cfg):
+        obj = getattr(cfg, part.name)
+        for f in dataclasses.fields(obj):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                continue
+            if getattr(obj, f.name) != default:
+                disagree.append(f"{type(obj).__name__}.{f.name}: dataclass {default!r}, "
+                                f"gin {getattr(obj, f.name)!r}")
+    assert not disagree, disagree
+
+
+def test_quickstart_model_file_is_the_quickstart_shape():
+    cfg = config_lib.load([str(REPO / "gin/quickstart.gin")])
+    alone = config_lib.load([str(REPO / "gin/latency_network.gin"),
+                             str(REPO / "gin/models/quickstart.gin")])
+    assert cfg.model == alone.model
+    assert (cfg.model.num_layers, cfg.model.emb_dim, cfg.model.max_target_length) == (2, 128, 256)
 
 
 def test_macros_are_overridable_with_bindings():

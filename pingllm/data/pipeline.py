@@ -43,7 +43,7 @@ class DataConfig:
     synthetic_duration_s: int = tfds_builder.DEFAULT_SYNTHETIC_DURATION_S
     test_fraction: float = records.DEFAULT_TEST_FRACTION
     max_target_length: int = tfds_builder.DEFAULT_MAX_TARGET_LENGTH
-    global_batch_size: int = 64
+    global_batch_size: int = 32  # the run file's GLOBAL_BATCH_SIZE (gin/runs/pretrain.gin)
     seed: int = 0  # record order per epoch and tokenization randomness
     worker_count: int = 0  # Grain worker processes; 0 = in the main process
     worker_buffer_size: int = 2  # batches each worker prepares ahead
