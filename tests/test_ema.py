@@ -6,15 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tiny
 
 from pingllm import checkpointing, partitioning, step
-from pingllm.model import ModelConfig, Transformer, dummy_inputs
+from pingllm.model import Transformer, dummy_inputs
 from pingllm.optimizer import OptimizerConfig, ema_update, make_optimizer, params_average
 from pingllm.partitioning import MeshConfig
 from pingllm.train_state import TrainState, abstract_train_state, init_train_state
 
-TINY = ModelConfig(num_layers=2, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                   max_target_length=16, dtype="float32", dropout_rate=0.0)
+TINY = tiny.model_config()
 RULES = partitioning.DEFAULT_RULES
 DECAY = 0.9
 

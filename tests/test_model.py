@@ -8,20 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 
 from pingllm import model as model_lib
 from pingllm.model import ModelConfig, Transformer
 
-TINY = ModelConfig(
-    num_layers=2,
-    emb_dim=32,
-    num_heads=4,
-    head_dim=8,
-    mlp_dim=64,
-    max_target_length=16,
-    dropout_rate=0.0,
-    dtype="float32",
-)
+TINY = tiny.model_config()
 B, L = 2, 16
 
 

@@ -7,12 +7,13 @@ import json
 import jax
 import numpy as np
 import pytest
+import tiny
 
 from pingllm import config as config_lib
 from pingllm import step as step_lib
 from pingllm import trainer
 from pingllm.data import pipeline, tokens
-from pingllm.model import ModelConfig, Transformer, dummy_inputs
+from pingllm.model import Transformer, dummy_inputs
 from tools import dump_batches
 
 CONFIG = pipeline.DataConfig(
@@ -115,9 +116,7 @@ def test_a_destination_is_new_again_in_the_next_window_of_the_row():
 
 
 def test_packed_loss_sums_equal_the_windows_one_per_row():
-    cfg = ModelConfig(num_layers=2, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
-                      max_target_length=256, dropout_rate=0.0, dtype="float32",
-                      field_slot_embedding=True)
+    cfg = tiny.model_config(max_target_length=256, field_slot_embedding=True)
     model = Transformer(cfg)
     params = model.init({"params": jax.random.key(1)}, *dummy_inputs(cfg))["params"]
     config = dataclasses.replace(CONFIG, global_batch_size=2)

@@ -7,22 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tiny
 
 from pingllm import partitioning, step
 from pingllm.data import tokens
-from pingllm.model import ModelConfig
 from pingllm.optimizer import OptimizerConfig, decay_mask, make_optimizer, make_schedule
 from pingllm.partitioning import MeshConfig
 from pingllm.train_state import abstract_train_state, init_train_state
 
-TINY = ModelConfig(
-    num_layers=2,
-    emb_dim=32,
-    num_heads=4,
-    head_dim=8,
-    mlp_dim=64,
-    max_target_length=16,
-    dtype="float32",  # dropout stays at 0.1: keys must not depend on the mesh either
+TINY = tiny.model_config(
+    dropout_rate=0.1,  # dropout on: keys must not depend on the mesh either
     remat_policy="minimal",  # the production path: scan + remat
 )
 RULES = partitioning.DEFAULT_RULES

@@ -5,24 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pingllm import partitioning
-from pingllm.model import ModelConfig
 from pingllm.optimizer import OptimizerConfig, make_optimizer
 from pingllm.partitioning import MeshConfig
 from pingllm.train_state import TrainState, abstract_train_state, init_train_state
 
-TINY = ModelConfig(
-    num_layers=2,
-    emb_dim=32,
-    num_heads=4,
-    head_dim=8,
-    mlp_dim=64,
-    max_target_length=16,
-    dtype="float32",
-)
+TINY = tiny.model_config(dropout_rate=0.1)
 RULES = partitioning.DEFAULT_RULES
 OPTIMIZER, _ = make_optimizer(OptimizerConfig())
 
