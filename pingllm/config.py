@@ -40,6 +40,10 @@ class RunConfig:
     seed: int = 0
     # Host<->device transfer guard inside the loop ("disallow" catches accidental copies).
     transfer_guard: str = "disallow"
+    # Persistent XLA compilation cache (pingllm/compilation_cache.py): a restart loads the compiled
+    # init and step. Directory "" = $JAX_COMPILATION_CACHE_DIR if set, else
+    # <base_output_directory>/.jax_cache (local, Modal volume or gs://); False switches it off.
+    enable_compilation_cache: bool = True
     compilation_cache_dir: str = ""
     # Peak FLOP/s of one device for the MFU estimate; 0 = look up the device kind.
     peak_flops_per_device: float = 0.0

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pingllm import checkpointing, partitioning, preemption
+from pingllm import checkpointing, compilation_cache, partitioning, preemption
 from pingllm import config as config_lib
 from pingllm import metrics as metrics_lib
 from pingllm import model as model_lib
@@ -60,13 +60,6 @@ def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
     """
     if jax.process_count() > 1:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
-
-
-def _enable_compilation_cache(path: str) -> None:
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def build(cfg: config_lib.Config) -> Setup:
@@ -129,7 +122,7 @@ def train(cfg: config_lib.Config) -> int:
     started = time.time()
     run_dir = epath.Path(cfg.run.run_dir)
     _write_config(run_dir)
-    _enable_compilation_cache(cfg.run.compilation_cache_dir)
+    compilation_cache.enable(cfg.run)
     stop_cfg = cfg.stop
     if jax.process_count() == 1:  # no collective to amortise: look at the flag every step
         stop_cfg = dataclasses.replace(stop_cfg, check_every_steps=1)
@@ -331,7 +324,10 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
                 "compile %.2fs); steps lost since the last save: %d",
                 ttfs, data_prepare_s, restore_s, first_batch_s, compile_s, steps_lost,
             )
+            cache = compilation_cache.report(compilation_cache.cache_dir(cfg.run))
             writer.scalars(step, {
+                "startup/programs_from_compilation_cache": cache["hits"],
+                "startup/programs_compiled": cache["compiled"],
                 "startup/time_to_first_step_s": ttfs, "startup/restore_s": restore_s,
                 "startup/compile_s": compile_s, "startup/first_batch_s": first_batch_s,
                 "startup/data_prepare_s": data_prepare_s,
