@@ -40,8 +40,9 @@ EXPECTED = {
     # test_ping_buggy: rcvd 0 but duplicates listed with 1.6 s RTTs: a failed probe.
     (REAL, 11): (1000192, 202, 1394745831, "62.195.143.53", V4_2, 4, -1.0),
     (REAL, 12): (1000192, 270, 1406561624, "188.193.157.75", V4_2, 4, 52.875),
-    # fetchmesh: an anchor pinging itself (sub-ms RTT is real), then 5020 lines.
-    (REAL, 13): (26858348, 6849, 1599523345, DST_13, DST_13, 4, 0.133696),
+    # fetchmesh: an anchor pinging itself (src_addr == dst_addr == from): the packets never
+    # left the host, so it is dropped; then 5020 lines.
+    (REAL, 13): "self_ping",
     (REAL, 14): (26858348, 6828, 1599523342, "185.106.32.32", DST_13, 4, 385.08633),
     (REAL, 15): (26858348, 6807, 1599525267, "194.233.214.2", DST_13, 4, 345.223359),
     (REAL, 16): (26858348, 6807, 1599530325, "194.233.214.2", DST_13, 4, -1.0),
@@ -98,8 +99,9 @@ def test_fixture_files_together(fixtures_dir):
     assert _rows(table) == expected_rows
     assert summary.to_dict()["read"] == 23
     assert (summary.kept, summary.dropped) == (
-        18,
-        {"missing_timestamp": 3, "no_destination_address": 1, "nothing_sent": 1},
+        17,
+        {"missing_timestamp": 3, "no_destination_address": 1, "nothing_sent": 1,
+         "self_ping": 1},
     )
 
 
@@ -169,7 +171,13 @@ BAD_LINES = {
     "msm_id list": (_with(msm_id=[1]), "bad_field"),
     "af 5": (_with(af=5), "bad_field"),
     "rcvd > sent": (_with(rcvd=4), "bad_field"),
-    "no rcvd": (_with(rcvd=_DELETE), "bad_field"),
+    "no rcvd": (_with(rcvd=_DELETE), "missing_counts"),
+    "no sent": (_with(sent=_DELETE), "missing_counts"),
+    "sent null": (_with(sent=None), "missing_counts"),
+    "private destination": (_with(dst_addr="10.1.2.3"), "private_destination"),
+    "destination is from": (_with(dst_addr="185.106.32.32"), "self_ping"),
+    "destination is the local src_addr": (
+        _with(src_addr="203.119.111.140", dst_addr="203.119.111.140"), "self_ping"),
     "sent string on fw 5020": (_with(sent="3"), "bad_field"),
     "result not a list": (_with(min=_DELETE, result={"rtt": 3}), "bad_field"),
     "no dst_addr": (_with(dst_addr=_DELETE), "no_destination_address"),
@@ -372,9 +380,9 @@ def test_modern_5080_line_as_a_writer_would_emit_imports_exactly():
 
 
 def test_json_array_line_is_one_record_per_element(fixtures_dir):
-    lines = [json.loads(_fixture_line(fixtures_dir, REAL, n)) for n in (13, 14, 17)]
+    lines = [json.loads(_fixture_line(fixtures_dir, REAL, n)) for n in (12, 14, 17)]
     table, summary = import_lines([json.dumps(lines + [7])])
-    assert _rows(table) == [_expected_row(*EXPECTED[(REAL, n)]) for n in (13, 14)]
+    assert _rows(table) == [_expected_row(*EXPECTED[(REAL, n)]) for n in (12, 14)]
     assert summary.dropped == {"missing_timestamp": 1, "not_an_object": 1}
 
 
@@ -430,7 +438,7 @@ def _write_compressed(fixtures_dir, tmp_path):
 def test_gz_and_bz2_give_the_same_table_as_plain(fixtures_dir, tmp_path):
     plain, gz, bz = _write_compressed(fixtures_dir, tmp_path)
     table, summary = import_files([plain])
-    assert table.num_rows == 18
+    assert table.num_rows == 17
     for path in (gz, bz):
         other, other_summary = import_files([path])
         assert other.equals(table)
@@ -441,10 +449,10 @@ def test_chunks_stream_and_concatenate_to_the_whole(fixtures_dir, tmp_path):
     plain, gz, _ = _write_compressed(fixtures_dir, tmp_path)
     summary = ImportSummary()
     chunks = list(ripe_atlas.iter_file_tables([plain, gz], summary, chunk_rows=4))
-    assert [c.num_rows for c in chunks] == [4] * 9  # chunks run across file boundaries
+    assert [c.num_rows for c in chunks] == [4] * 8 + [2]  # chunks run across file boundaries
     whole, whole_summary = import_files([plain, gz])
     assert pa.concat_tables(chunks).equals(whole)
-    assert summary == whole_summary and summary.kept == 36
+    assert summary == whole_summary and summary.kept == 34
 
 
 def test_missing_input_file_raises_before_reading(fixtures_dir, tmp_path):
@@ -518,7 +526,7 @@ def test_parquet_of_our_own_rows_round_trips(fixtures_dir, tmp_path):
     pq.write_table(table, tmp_path / "rows.parquet")
     again, summary = import_files([tmp_path / "rows.parquet"], chunk_rows=5)
     assert again.equals(table)
-    assert (summary.kept, summary.dropped) == (18, {})
+    assert (summary.kept, summary.dropped) == (17, {})
 
 
 def test_parquet_without_required_columns_is_an_error(tmp_path):
@@ -581,26 +589,27 @@ def test_cli_end_to_end(fixtures_dir, tmp_path, repo_root):
     )
     assert result.returncode == 0, result.stderr
     files = sorted(out.glob("rows-*.parquet"))
-    # 16 + 18 rows in chunks of 7, two chunks (row groups) a file.
+    # 15 + 17 rows in chunks of 7, two chunks (row groups) a file.
     assert [f.name for f in files] == [f"rows-0000{i}.parquet" for i in range(3)]
-    for f, rows in zip(files, (14, 14, 6)):
+    for f, rows in zip(files, (14, 14, 4)):
         assert pq.read_schema(f) == ROW_SCHEMA
         assert pq.ParquetFile(f).metadata.num_rows == rows
         assert pq.ParquetFile(f).metadata.num_row_groups == (2 if rows == 14 else 1)
     written = pa.concat_tables(pq.read_table(f) for f in files)
     expected, expected_summary = import_files([fixtures_dir / REAL, gz, bad])
-    assert written.equals(expected) and written.num_rows == 34
+    assert written.equals(expected) and written.num_rows == 32
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert (summary["read"], summary["kept"], summary["total_dropped"]) == (43, 34, 9)
+    assert (summary["read"], summary["kept"], summary["total_dropped"]) == (43, 32, 11)
     assert {k: v for k, v in summary["dropped"].items() if v} == {
         "missing_timestamp": 5,
         "no_destination_address": 1,
         "nothing_sent": 1,
+        "self_ping": 2,
         "malformed_json": 1,
         "unknown_firmware": 1,
     }
     assert ImportSummary.from_dict(summary) == expected_summary
-    assert "unknown_firmware" in result.stdout and "34" in result.stdout
+    assert "unknown_firmware" in result.stdout and "32" in result.stdout
 
     again = _cli(fixtures_dir / REAL, "--output", out, cwd=repo_root)
     assert again.returncode != 0 and "already holds" in again.stderr
