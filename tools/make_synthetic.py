@@ -1,10 +1,12 @@
 """Generate rows of the synthetic Internet into DIR, as ROW_SCHEMA Parquet or RIPE JSON lines.
 
     python tools/make_synthetic.py --rows N [--seed S] --output DIR
-        [--format parquet|ripe-json] [--start_time ISO] [--duration_s SECONDS]
+        [--format parquet|ripe-json|ripe-json-mixed] [--start_time ISO] [--duration_s SECONDS]
 
 Writes DIR/rows-NNNNN.parquet (or DIR/results-NNNNN.jsonl), one file per chunk of
 --rows_per_file rows, and prints a short summary. The same arguments give the same bytes.
+`ripe-json-mixed` writes the same rows as a dump from the wild looks (firmware 4610..5080,
+lts -1, late duplicates, error entries, traceroute and DNS results between the pings).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def _parse(argv) -> argparse.Namespace:
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--format", choices=("parquet", "ripe-json"), default="parquet")
+    p.add_argument("--format", choices=("parquet", "ripe-json", "ripe-json-mixed"),
+                   default="parquet")
     p.add_argument("--start_time", default=synthetic.DEFAULT_START)
     p.add_argument("--duration_s", type=int, default=synthetic.DAY_S)
     p.add_argument("--rows_per_file", type=int, default=1_000_000)
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
             pq.write_table(table, path)
         else:
             path = args.output / f"results-{i:05d}.jsonl"
-            ripe_writer.write_ripe_json(table, path)
+            ripe_writer.write_ripe_json(table, path, mixed=args.format == "ripe-json-mixed")
         paths.append(path)
         written += len(table)
         failed += int((table["rtt"].to_numpy() < 0).sum())

@@ -39,8 +39,8 @@ Decisions beyond docs/data_rules.md (each one line of why):
   rows are held to the same address, public-source, family, time and RTT rules.
 
 Speed: lines are decoded by msgspec into a struct of the few fields a row needs (other
-fields are skipped unparsed); any line msgspec rejects is decoded again by `json.loads`,
-whose result goes through the same checks, so both paths give the same rows and counts.
+fields are skipped unparsed); a line msgspec rejects, or one that is not ASCII, is decoded
+by `json.loads`, whose result goes through the same checks: both give the same rows and counts.
 """
 
 from __future__ import annotations
@@ -621,11 +621,15 @@ class _LineImporter:
 
     def feed(self, lines: Iterable[str | bytes]) -> None:
         decode, drop, keep = _DECODE_PING, self.summary.drop, self._keep
+        slow = self._slow
         for line in lines:
+            if not line.isascii():  # msgspec does not check UTF-8 in the fields it skips
+                slow(line)
+                continue
             try:
                 s = decode(line)
             except msgspec.DecodeError:  # also ValidationError: not an object
-                self._slow(line)
+                slow(line)
                 continue
             try:
                 row, bits = _row_of_struct(s)

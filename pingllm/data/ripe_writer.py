@@ -5,6 +5,10 @@ the row itself, so the same table always gives the same bytes. Importing the lin
 (`pingllm.data.ripe_atlas`) gives the rows again: `min` is the row's float32 RTT written with
 `repr` of its exact float64 value, `from` is the public source, `rcvd` is 0 exactly when the
 row failed, and timestamps are the rows' whole seconds.
+
+`mixed_ripe_lines` writes the same rows as a dump from the wild looks: firmware 4610 to 5080
+(no `mver`/`stored_timestamp` on old ones, `lts` -1, late duplicate replies, `error` entries)
+with traceroute and DNS results between them; importing it still gives exactly the rows.
 """
 
 from __future__ import annotations
@@ -98,12 +102,62 @@ def ripe_lines(table: pa.Table) -> Iterator[str]:
         )
 
 
-def write_ripe_json(table: pa.Table, path) -> int:
-    """Write `table` as RIPE Atlas JSON lines to `path`; returns the number of lines."""
+_OTHER_TYPES = {
+    "traceroute": '{{"fw":5080,"lts":20,"endtime":{t},"dst_name":"193.0.14.129","dst_addr":'
+                  '"193.0.14.129","src_addr":"192.168.1.2","proto":"ICMP","af":4,"size":48,'
+                  '"paris_id":1,"result":[{{"hop":1,"result":[{{"from":"192.168.1.1","ttl":64,'
+                  '"size":76,"rtt":0.5}}]}},{{"hop":2,"result":[{{"x":"*"}}]}}],"msm_id":5001,'
+                  '"prb_id":{prb},"timestamp":{t},"msm_name":"Traceroute","from":"{src}",'
+                  '"type":"traceroute","group_id":5001}}',
+    "dns": '{{"fw":5080,"lts":20,"dst_addr":"193.0.14.129","af":4,"proto":"UDP","result":'
+           '{{"rt":12.3,"size":62,"abuf":"AAAA","ID":1,"ANCOUNT":1,"QDCOUNT":1,"NSCOUNT":0,'
+           '"ARCOUNT":0}},"msm_id":10001,"prb_id":{prb},"timestamp":{t},"msm_name":"Tdig",'
+           '"from":"{src}","type":"dns","group_id":10001,"src_addr":"192.168.1.2"}}',
+}
+
+
+def _as_firmware(record: dict, variant: int) -> dict:
+    """One ping result as another firmware or a rarer case writes it (the same row)."""
+    if variant == 0:  # 4610: no measurement version, no stored_timestamp
+        record.update(fw=4610)
+        record.pop("mver")
+        record.pop("stored_timestamp")
+    elif variant == 1:  # a probe that does not know whether its clock is in sync
+        record.update(fw=4790, lts=-1)
+        record.pop("mver")
+    elif variant == 2 and record["rcvd"]:  # a late duplicate, slower than every reply
+        record.update(fw=5020, mver="2.2.1", dup=1)
+        record["result"].append({"rtt": round(record["max"] * 3 + 100.0, 3), "dup": 1})
+    elif variant == 3 and {"x": "*"} in record["result"]:  # a send error instead of a timeout
+        record["result"][record["result"].index({"x": "*"})] = {
+            "error": "sendto failed: No route to host"}
+    return record
+
+
+def mixed_ripe_lines(table: pa.Table) -> Iterator[str]:
+    """The rows of `table` as mixed firmware, with traceroute and DNS results between them."""
+    h = _row_hash(table) if table.num_rows else np.zeros(0, np.uint64)
+    for i, line in enumerate(ripe_lines(table)):
+        variant = int(h[i] >> np.uint64(40)) % 6
+        if variant < 4:
+            line = json.dumps(_as_firmware(json.loads(line), variant), separators=(",", ":"))
+        yield line
+        record = None
+        for k, template in enumerate(_OTHER_TYPES.values()):
+            if int(h[i] >> np.uint64(8 * k)) % (7 + 4 * k) == 0:
+                record = record or json.loads(line)
+                yield template.format(t=record["timestamp"], prb=record["prb_id"],
+                                      src=record["from"])
+
+
+def write_ripe_json(table: pa.Table, path, *, mixed: bool = False) -> int:
+    """Write `table` as RIPE Atlas JSON lines to `path` (`mixed`: as mixed_ripe_lines);
+    returns the number of lines."""
     n = 0
+    lines_of = mixed_ripe_lines if mixed else ripe_lines
     with open(Path(path), "w", encoding="utf-8") as f:
         for batch in table.to_batches(max_chunksize=100_000):
-            lines = list(ripe_lines(pa.Table.from_batches([batch], schema=table.schema)))
+            lines = list(lines_of(pa.Table.from_batches([batch], schema=table.schema)))
             f.write("\n".join(lines) + "\n" if lines else "")
             n += len(lines)
     return n
