@@ -329,9 +329,10 @@ def _plan(seed, window_indices, modes, n, starts, win):
         r = _arange_u64(m) * _GOLDEN_U
         r += keys[0]
     else:
-        r = _arange_u64(m) - starts.astype(np.uint64)[win]
+        # Per-window values spread over its measurements: np.repeat beats indexing by win.
+        r = _arange_u64(m) - np.repeat(starts.astype(np.uint64), n)
         r *= _GOLDEN_U
-        r += keys[win]
+        r += np.repeat(keys, n)
     _mix64_inplace(r)
     place = r & _LOW63
     place >>= _S16  # 47 bits: room for the window number above them in one stable sort
@@ -345,7 +346,7 @@ def _plan(seed, window_indices, modes, n, starts, win):
             return order, np.zeros(m, bool)
         timestamped = r >= _TOP_BIT
     else:
-        mode_m = modes[win]
+        mode_m = np.repeat(modes, n)
         timestamped = (mode_m == 0) | ((mode_m == 2) & (r >= _TOP_BIT))
     ts_pos = timestamped[order]
     order[ts_pos] = np.flatnonzero(timestamped)
@@ -575,7 +576,7 @@ def _encode(records, seed, window_indices, modes, budget) -> _Encoded:
     h0 = _src_hash(src)
     key = failed * _I96
     key += kind * _I24
-    key += (_field_hash(h0[0] if single else h0[win], dst, t) >> _S40).view(np.int64) % 24
+    key += (_field_hash(h0[0] if single else np.repeat(h0, n), dst, t) >> _S40).view(np.int64) % 24
     lens = lay.length[key]
     cum = np.cumsum(lens)
     if single:
@@ -607,7 +608,9 @@ def _encode(records, seed, window_indices, modes, budget) -> _Encoded:
     a, w = lay.addr, lay.width
     rows = np.empty((m, w), np.int32)
     rows[:, :2] = 0
-    rows[:, 2:2 + a] = src[0, :a] if single else src[win, :a]
+    # A window's rows are a contiguous run of `packed` rows: a repeat, ~7x cheaper than src[win].
+    rows[:, 2:2 + a] = (src[0, :a] if single
+                        else np.repeat(src[:, :a].astype(np.int32), packed, axis=0))
     rows[:, lay.dst0] = 0
     rows[:, lay.dst0 + 1:lay.dst0 + 1 + a] = dst[:, :a]
     rows[:, lay.res0] = failed
@@ -618,8 +621,9 @@ def _encode(records, seed, window_indices, modes, budget) -> _Encoded:
         rows[:, lay.time0 + 1:] = tval.astype(">i8").view(np.uint8).reshape(m, 8)
     rows += lay.offset
     # Then gather each row's columns in its field order, keeping the valid ones.
-    flat = lay.cols[key][lay.mask[key]]
-    flat += np.repeat(_row_starts(m, w), lens)
+    idx = lay.cols[key]
+    idx += _row_starts(m, w)[:, None]
+    flat = idx[lay.mask[key]]
     return _Encoded(rows.ravel()[flat], lengths, packed, t, kind)
 
 
@@ -673,8 +677,7 @@ def tokenize_windows(records, *, seed: int, window_indices, max_length: int,
     if len(window_indices) != b:
         raise ValueError(f"{b} records but {len(window_indices)} window indices")
     modes = _modes(seed, window_indices, mode)
-    tokens = np.zeros((b, max_length), np.int32)
-    fields = np.zeros((b, max_length), np.int8)
+    packed_rows = np.zeros((b, max_length), np.int32)  # token id | field class << 16
     lengths = np.zeros(b, np.int64)
     packed = np.zeros(b, np.int64)
     versions = [int(rec["ip_version"]) for rec in records]
@@ -687,13 +690,13 @@ def tokenize_windows(records, *, seed: int, window_indices, max_length: int,
         enc = _encode([records[i] for i in rows], seed, np.asarray(window_indices)[rows],
                       modes[rows], max_length)
         lengths[rows], packed[rows] = enc.lengths, enc.packed
-        tok = enc.packed_tokens & 0xFFFF
-        fld = (enc.packed_tokens >> 16).astype(np.int8)
+        flat = enc.packed_tokens
         start = 0
         for row, length in zip(rows, enc.lengths.tolist()):  # cheaper than a flat scatter
-            tokens[row, :length] = tok[start:start + length]
-            fields[row, :length] = fld[start:start + length]
+            packed_rows[row, :length] = flat[start:start + length]
             start += length
+    tokens = packed_rows & 0xFFFF
+    fields = (packed_rows >> 16).astype(np.int8)
     return TokenizedBatch(tokens, fields, lengths, packed,
                           tuple(TIMESTAMP_MODES[int(i)] for i in modes))
 
