@@ -2,7 +2,7 @@
 
     modal run launch/modal_gpu.py::train --run-name lat1 [--steps 200000] [--batch-size 256] \
         [--gin-files gin/latency_network.gin] [--gin-bindings 'LEARNING_RATE=3e-4;EVAL_STEPS=20'] \
-        [--gpu H100]
+        [--gpu H100] [--measured]
     modal run launch/modal_gpu.py::inspect_checkpoints [--run-name lat1]
     modal run launch/modal_gpu.py::inspect_checkpoint --run-name lat1 --step 5000
 
@@ -11,6 +11,10 @@ Runs live on the Modal volume `ping-llm` (env PINGLLM_MODAL_VOLUME) mounted at /
 TIME_LIMIT_SECONDS a little below that: it saves and exits 75, the function fails on purpose, and
 Modal's retries start a fresh container whose trainer resumes from the latest checkpoint; a
 preempted or crashed container resumes the same way. Re-running the same command resumes too.
+
+A run meant to be measured (throughput, MFU, time to first step) passes --measured: the GPU type
+is then pinned (`H100!`: Modal may otherwise hand an H100 request an H200, silently changing the
+figures; `B200+`, which may be a B300, is refused).
 
 The command-building functions are plain Python and need no Modal; the app is defined only when
 `modal` is importable.
@@ -68,6 +72,27 @@ class TrainerStopped(RuntimeError):
 
 class TrainerFailed(RuntimeError):
     """The trainer exited with an error."""
+
+
+# GPU types Modal may upgrade: the pinned spelling, or None where no pinned one exists.
+_UPGRADABLE = {"H100": "H100!", "B200+": None}
+
+
+def gpu_request(gpu: str, *, measured: bool = False) -> str:
+    """Modal's gpu= string; a measured run pins the type (H100 -> H100!) so it cannot be swapped."""
+    kind, sep, count = gpu.strip().partition(":")
+    if not kind or (sep and not count.isdigit()):
+        raise ValueError(f"GPU must be TYPE or TYPE:COUNT (e.g. H100, H100:2), got {gpu!r}")
+    if not measured:
+        return gpu.strip()
+    upper = kind.upper()
+    if upper in _UPGRADABLE:
+        pinned = _UPGRADABLE[upper]
+        if pinned is None:
+            raise ValueError(f"{kind} may run on another GPU type: name one type for a "
+                             "measured run (e.g. B200)")
+        kind = pinned
+    return f"{kind}{sep}{count}"
 
 
 def run_directory(run_name: str) -> PurePosixPath:
@@ -284,10 +309,14 @@ if modal is not None:
         gin_files: str = ",".join(DEFAULT_GIN_FILES),
         gin_bindings: str = "",
         gpu: str = DEFAULT_GPU,
+        measured: bool = False,
     ):
-        """Train (or resume) RUN_NAME on a GPU chosen here, e.g. --gpu A100-80GB or H100:2."""
+        """Train (or resume) RUN_NAME on a GPU chosen here, e.g. --gpu A100-80GB or H100:2;
+        --measured pins the GPU type (H100!) so the figures come from the GPU asked for."""
+        request = gpu_request(gpu, measured=measured)
+        print(f"[modal_gpu] gpu={request}", flush=True)
         print(
-            train_remote.with_options(gpu=gpu).remote(
+            train_remote.with_options(gpu=request).remote(
                 run_name,
                 steps,
                 batch_size,

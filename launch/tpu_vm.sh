@@ -38,9 +38,10 @@ Options (each also read from the environment variable in brackets; flags win)
   --zone ZONE               zone, e.g. us-central2-b [ZONE] (required)
   --project PROJECT         GCP project; gcloud's default when unset [PROJECT]
   --accelerator-type TYPE   e.g. v4-8, v4-32, v5litepod-16, v6e-8 [ACCELERATOR_TYPE] (v4-8)
-  --runtime-version V       TPU software version, e.g. tpu-ubuntu2204-base,
-                            v2-alpha-tpuv5-lite, v2-alpha-tpuv6e [RUNTIME_VERSION]
-                            (tpu-ubuntu2204-base)
+  --runtime-version V       TPU software version [RUNTIME_VERSION]; by default the one
+                            the accelerator type needs: v4 tpu-ubuntu2204-base,
+                            v5litepod (v5e) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5,
+                            v6e v2-alpha-tpuv6e
   --spot                    Spot capacity (cheaper, can be preempted) [SPOT=1]
   --preemptible             Legacy preemptible TPU VM (not with --queued) [PREEMPTIBLE=1]
   --queued                  Use a queued resource named like the TPU VM [QUEUED=1]
@@ -232,7 +233,7 @@ TPU_NAME="${TPU_NAME:-}"
 ZONE="${ZONE:-}"
 PROJECT="${PROJECT:-}"
 ACCELERATOR_TYPE="${ACCELERATOR_TYPE:-v4-8}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-tpu-ubuntu2204-base}"
+RUNTIME_VERSION="${RUNTIME_VERSION:-}"
 SPOT="${SPOT:-0}"
 PREEMPTIBLE="${PREEMPTIBLE:-0}"
 QUEUED="${QUEUED:-0}"
@@ -305,6 +306,17 @@ if [[ -z "$BASE_OUTPUT_DIRECTORY" && -n "$BUCKET" ]]; then
   BASE_OUTPUT_DIRECTORY="gs://${BUCKET#gs://}/outputs/latency_network"
 fi
 
+# The TPU software version an accelerator type needs (v5e, v5p and v6e have their own).
+default_runtime_version() {
+  case "$1" in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
 require() {
   local name
   for name in "$@"; do
@@ -331,7 +343,11 @@ check_run_settings() {
 # ---------------------------------------------------------------- commands
 
 cmd_create() {
-  require TPU_NAME ZONE ACCELERATOR_TYPE RUNTIME_VERSION
+  require TPU_NAME ZONE ACCELERATOR_TYPE
+  if [[ -z "$RUNTIME_VERSION" ]]; then
+    RUNTIME_VERSION="$(default_runtime_version "$ACCELERATOR_TYPE")" ||
+      die "no known runtime version for accelerator type '$ACCELERATOR_TYPE': give --runtime-version"
+  fi
   location_flags
   if [[ "$QUEUED" == 1 ]]; then
     [[ "$PREEMPTIBLE" == 1 ]] && die "--preemptible does not exist for queued resources; use --spot"

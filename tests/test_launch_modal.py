@@ -111,6 +111,19 @@ def test_cli_string_splitting():
     ]
 
 
+def test_measured_runs_pin_the_gpu_type():
+    assert mg.gpu_request("H100") == "H100"  # may become an H200: fine for a run not measured
+    assert mg.gpu_request("H100", measured=True) == "H100!"
+    assert mg.gpu_request("h100:2", measured=True) == "H100!:2"
+    assert mg.gpu_request("H100!", measured=True) == "H100!"
+    assert mg.gpu_request("A100-80GB:4", measured=True) == "A100-80GB:4"  # never swapped
+    with pytest.raises(ValueError, match="name one type"):
+        mg.gpu_request("B200+", measured=True)
+    for bad in ("", ":2", "H100:x"):
+        with pytest.raises(ValueError, match="TYPE:COUNT"):
+            mg.gpu_request(bad)
+
+
 def test_check_exit():
     mg.check_exit(0)
     with pytest.raises(mg.TrainerStopped):
@@ -283,7 +296,8 @@ def test_app_builds_offline():
     [
         (
             "train",
-            ["--run-name", "--steps", "--batch-size", "--gin-files", "--gin-bindings", "--gpu"],
+            ["--run-name", "--steps", "--batch-size", "--gin-files", "--gin-bindings", "--gpu",
+             "--measured"],
         ),
         ("inspect_checkpoints", ["--run-name"]),
         ("inspect_checkpoint", ["--run-name", "--step"]),

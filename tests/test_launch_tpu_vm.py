@@ -149,10 +149,34 @@ def test_create_tpu_vm_with_flags_and_environment(tpu):
             "--zone=europe-west4-a",
             "--project=my-proj",
             "--accelerator-type=v5litepod-16",
-            "--version=tpu-ubuntu2204-base",
+            "--version=v2-alpha-tpuv5-lite",
             "--preemptible",
         ]
     ]
+
+
+@pytest.mark.parametrize("accelerator,runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-256", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e")])
+def test_runtime_version_follows_the_accelerator_type(tpu, accelerator, runtime):
+    tpu.run("create", "--accelerator-type", accelerator)
+    (call,) = tpu.calls()
+    assert call[-2:] == [f"--accelerator-type={accelerator}", f"--version={runtime}"]
+    tpu.run("create", "--queued", f"--accelerator-type={accelerator}")
+    (call,) = tpu.calls()
+    assert call[-1] == f"--runtime-version={runtime}"
+    # An explicit version still wins (flag or environment).
+    tpu.run("create", "--accelerator-type", accelerator, "--runtime-version", "my-image")
+    assert tpu.calls()[0][-1] == "--version=my-image"
+    tpu.run("create", "--accelerator-type", accelerator, RUNTIME_VERSION="env-image")
+    assert tpu.calls()[0][-1] == "--version=env-image"
+
+
+def test_unknown_accelerator_needs_an_explicit_runtime_version(tpu):
+    proc = tpu.run("create", "--accelerator-type", "v9x-8", expect=2)
+    assert "give --runtime-version" in proc.stderr and tpu.calls() == []
+    tpu.run("create", "--accelerator-type", "v9x-8", "--runtime-version", "v9-image")
+    assert tpu.calls()[0][-1] == "--version=v9-image"
 
 
 def test_create_without_project_lets_gcloud_pick_its_default(tpu):
