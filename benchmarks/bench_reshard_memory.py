@@ -64,7 +64,7 @@ def write_state(run_dir: Path, total_bytes: int, arrays: int) -> int:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from pingllm import checkpointing
+    from pingllm.checkpoint import manager as checkpointing
 
     mesh = Mesh(np.array(jax.devices()).reshape(8, 1), ("fsdp", "tensor"))
     sharding = NamedSharding(mesh, PartitionSpec("fsdp", "tensor"))

@@ -76,7 +76,8 @@ class Config:
 
 def _config_classes() -> dict[str, type]:
     """The dataclasses a gin file may bind, by the name gin knows them by."""
-    from pingllm import checkpointing, model, optimizer, partitioning, preemption
+    from pingllm import model, optimizer, partitioning, preemption
+    from pingllm.checkpoint import manager as checkpointing
     from pingllm.data import pipeline
 
     return {

@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data,
                                       seed=cfg.data.seed)
-    step = int(Path(step_dir).name) if Path(step_dir).name.isdigit() else 0
+    step = int(step_dir.name) if step_dir.name.isdigit() else 0
     print(f"evaluate: checkpoint {step_dir} (step {step})")
     out = evaluate(predictor, cfg, max_queries=args.max_queries, context=args.context,
                    eval_batches=args.eval_batches)
@@ -378,9 +378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path}")
     if not args.no_plots:
         from pingllm import plots
+        from pingllm.checkpoint import storage
 
         run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
-        written = plots.write_eval_plots(str(run_dir), step, out)
+        # matplotlib and TensorFlow's event writer write local files: on gs:// they go to a
+        # local mirror of the run directory and are copied up.
+        local = storage.local_mirror(run_dir) if storage.is_remote(run_dir) else str(run_dir)
+        written = plots.write_eval_plots(local, step, out)
+        if local != str(run_dir):
+            storage.Mirror(local, run_dir).sync()
+            written = [f"{run_dir}/{w[len(local):].lstrip('/')}" for w in written]
         print("plots: " + ", ".join(written))
     return 0
 

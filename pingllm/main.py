@@ -35,6 +35,19 @@ def main(argv) -> int:
         print(f"pingllm: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
+    # A bucket that does not exist, or no credentials, fails here within seconds, naming the
+    # path, before any device work (and never falls back to a local directory).
+    from pingllm.checkpoint import storage
+
+    paths = (cfg.run.run_dir, cfg.checkpoint.load_full_state_path,
+             cfg.checkpoint.load_parameters_path)
+    for path in filter(None, paths):
+        try:
+            storage.check_writable(path)
+        except storage.StorageError as e:
+            print(f"pingllm: storage error: {e}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+
     from pingllm import distributed, trainer
 
     distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)

@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from pingllm import checkpointing, partitioning
 from pingllm import config as config_lib
 from pingllm import model as model_lib
-from pingllm import reshard as reshard_lib
+from pingllm import partitioning
+from pingllm.checkpoint import format as checkpointing
+from pingllm.checkpoint import reshard as reshard_lib
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 

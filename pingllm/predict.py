@@ -319,22 +319,12 @@ def _train_records(data_config):
 # ---- checkpoints ----
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(run_dir, step_dir) of a run directory, its checkpoints/ directory or a step directory."""
-    from pingllm import checkpointing
+def resolve_checkpoint(path: str | os.PathLike):
+    """(run_dir, step_dir) epaths of a run directory, its checkpoints/ directory or a step
+    directory, local or gs:// (pingllm.checkpoint.format.resolve_step)."""
+    from pingllm.checkpoint import format as checkpoint_format
 
-    p = Path(path).expanduser()
-    if (p / "items").is_dir():
-        return p.parent.parent, p
-    run_dir = p.parent if p.name == "checkpoints" else p
-    if not (run_dir / "checkpoints").is_dir():
-        raise FileNotFoundError(f"no checkpoint at {p}: expected a run directory (with "
-                                "checkpoints/), its checkpoints/ directory or a step directory")
-    steps = [s for s in checkpointing.list_steps(run_dir / "checkpoints")
-             if s.status == "complete"]
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint step under {run_dir / 'checkpoints'}")
-    return run_dir, max(steps, key=lambda s: s.step).path
+    return checkpoint_format.resolve_step(path)
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -342,15 +332,22 @@ def load_checkpoint(path: str | os.PathLike):
 
     The parameters are the moving average when the run kept one (OptimizerConfig.ema_decay).
     """
-    from pingllm import checkpointing
+    import tempfile
+
     from pingllm import config as config_lib
+    from pingllm.checkpoint import manager as checkpointing
     from pingllm.model import Transformer, dummy_inputs
 
     run_dir, step_dir = resolve_checkpoint(path)
     gin_file = run_dir / "config.gin"
     if not gin_file.is_file():
         raise FileNotFoundError(f"{gin_file} is missing: cannot recover the model config")
-    cfg = config_lib.load([str(gin_file)])
+    with tempfile.TemporaryDirectory() as tmp:  # gin reads local files (a bucket's is copied)
+        local_gin = gin_file if not str(gin_file).startswith("gs://") else (
+            checkpointing.epath.Path(tmp) / "config.gin")
+        if local_gin != gin_file:
+            local_gin.write_text(gin_file.read_text())
+        cfg = config_lib.load([str(local_gin)])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     import flax.linen as nn
 

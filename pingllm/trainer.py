@@ -17,13 +17,15 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pingllm import checkpointing, compilation_cache, partitioning, preemption
+from pingllm import compilation_cache, partitioning, preemption
 from pingllm import config as config_lib
 from pingllm import metrics as metrics_lib
 from pingllm import model as model_lib
 from pingllm import optimizer as optimizer_lib
 from pingllm import step as step_lib
 from pingllm import train_state as state_lib
+from pingllm.checkpoint import manager as checkpointing
+from pingllm.checkpoint import storage
 from pingllm.data import pipeline
 
 EXIT_DONE = 0
@@ -126,12 +128,13 @@ def train(cfg: config_lib.Config) -> int:
     stop_cfg = cfg.stop
     if jax.process_count() == 1:  # no collective to amortise: look at the flag every step
         stop_cfg = dataclasses.replace(stop_cfg, check_every_steps=1)
-    writer = metrics_lib.Writer(str(run_dir))
+    writer = metrics_lib.Writer(_tensorboard_parent(run_dir))
     with preemption.StopSignal(stop_cfg) as stop:
         try:
             return _train(cfg, run_dir, stop, writer, started)
         finally:
             writer.close()
+            _sync_tensorboard(run_dir)
 
 
 def _train(cfg, run_dir, stop, writer, started) -> int:
@@ -238,6 +241,29 @@ def _initial_state(cfg, setup, checkpointer, iterator):
     return state, restored
 
 
+# TensorBoard on gs://: TensorFlow's writer cannot reach an emulator or a private endpoint, so its
+# events go to a local mirror directory and are copied up (storage.Mirror) at every log period
+# and at exit. See docs/object_storage.md.
+_TB_MIRRORS: dict[str, storage.Mirror] = {}
+
+
+def _tensorboard_parent(run_dir: epath.Path) -> str:
+    if not storage.is_remote(run_dir) or jax.process_index() != 0:
+        return str(run_dir)
+    local = storage.local_mirror(run_dir)
+    _TB_MIRRORS[str(run_dir)] = storage.Mirror(f"{local}/tensorboard", run_dir / "tensorboard")
+    return local
+
+
+def _sync_tensorboard(run_dir: epath.PathLike) -> None:
+    mirror = _TB_MIRRORS.get(str(run_dir))
+    if mirror is not None:
+        try:
+            mirror.sync()
+        except Exception as e:  # a lost sync only delays the events; the run goes on
+            logging.warning("copying TensorBoard events to %s failed: %s", run_dir, e)
+
+
 def _progress_file(cfg) -> epath.Path:
     return epath.Path(cfg.run.run_dir) / "progress.json"
 
@@ -246,9 +272,14 @@ def _record_progress(cfg, step: int) -> None:
     """The last step known reached, so a restart can report the steps it lost."""
     if jax.process_index() == 0:
         path = _progress_file(cfg)
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text(json.dumps({"step": int(step), "time": time.time()}))
-        tmp.replace(path)
+        text = json.dumps({"step": int(step), "time": time.time()})
+        if storage.is_remote(path):  # one object write is atomic on a bucket (no rename there)
+            path.write_text(text)
+        else:
+            tmp = path.parent / (path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        _sync_tensorboard(cfg.run.run_dir)
 
 
 def _steps_lost(cfg, restored_step: int) -> int:

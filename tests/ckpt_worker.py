@@ -83,7 +83,7 @@ def mismatches(state: dict, step: int) -> list[str]:
     """Leaves whose addressable shards differ from expected_leaves(step) (empty: all equal)."""
     import jax
 
-    from pingllm.checkpointing import _flat_by_name
+    from pingllm.checkpoint.format import flat_by_name as _flat_by_name
 
     want = expected_leaves(step)
     bad = []
@@ -136,7 +136,7 @@ def _setup(args):
 
 
 def _config(args):
-    from pingllm.checkpointing import CheckpointConfig
+    from pingllm.checkpoint.manager import CheckpointConfig
 
     return CheckpointConfig(
         checkpoint_period=args.period,
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep_jax_preemption_service", action="store_true")
     args = p.parse_args(argv)
     jax, mesh = _setup(args)
-    from pingllm import checkpointing, preemption
+    from pingllm import preemption
+    from pingllm.checkpoint import manager as checkpointing
 
     pid = jax.process_index()
     result: dict = {"process_index": pid, "process_count": jax.process_count(),

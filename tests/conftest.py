@@ -34,3 +34,21 @@ def repo_root() -> Path:
 def fixtures_dir() -> Path:
     """Real RIPE Atlas results and edge cases (provenance: ping_results.sources.tsv)."""
     return FIXTURES / "ripe_atlas"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real fake-gcs-server on a free 127.0.0.1 port; its client variables are put in
+    os.environ for the session (so subprocesses inherit them). See tests/gcs_emulator.py."""
+    import gcs_emulator as emulator_lib
+
+    emulator = emulator_lib.Emulator()
+    saved = {k: os.environ.get(k) for k in emulator.env()}
+    emulator_lib.apply_env(emulator.env())
+    yield emulator
+    emulator.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

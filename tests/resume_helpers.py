@@ -251,8 +251,9 @@ def read_state(step_dir: Path) -> dict:
     """A step's whole train state as NumPy arrays, with plain Orbax (no pingllm code)."""
     import jax
     import orbax.checkpoint as ocp
+    from etils import epath
 
-    items = Path(step_dir) / "items"
+    items = epath.Path(step_dir) / "items"  # a local or gs:// step
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(items)
         tree = getattr(meta, "item_metadata", meta)

@@ -19,7 +19,7 @@ import pytest
 from ckpt_worker import StepIterator, abstract_state, expected_leaves, make_state, mismatches
 from jax.sharding import Mesh
 
-from pingllm import checkpointing as ck
+from pingllm.checkpoint import manager as ck
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
 REPO = Path(__file__).resolve().parents[1]
@@ -197,11 +197,11 @@ def test_flipped_byte_is_named_skipped_and_kept(tmp_path, caplog):
     _flip_one_byte(victim, victim.stat().st_size // 2)
     bad_bytes = victim.read_bytes()
     problems = ck.verify_step(root / "2")
-    assert problems == [f"{victim}: sha256 differs from the recorded one"]
+    assert problems == [f"{victim}: crc32c differs from the recorded one"]
     assert [(i.step, i.status) for i in ck.list_steps(root)] == [(1, "complete"),
                                                                   (2, "corrupt")]
 
-    with caplog.at_level(logging.ERROR, logger="pingllm.checkpointing"):
+    with caplog.at_level(logging.ERROR, logger="pingllm.checkpoint.manager"):
         result, it = restore(tmp_path, mesh_of(4))
     assert (result.step, result.source, it.step) == (1, "persistent", 1)
     assert mismatches(result.state, 1) == []
@@ -214,7 +214,7 @@ def test_flipped_byte_is_named_skipped_and_kept(tmp_path, caplog):
                                                max_num_checkpoints_to_keep=2), tmp_path)
     ckpt.restore(abstract_state(mesh_of(4)), StepIterator())
     mesh = mesh_of(4)
-    with caplog.at_level(logging.WARNING, logger="pingllm.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="pingllm.checkpoint.manager"):
         assert ckpt.maybe_save(2, make_state(2, mesh), StepIterator(2)) is False
     assert "not overwriting" in caplog.text
     for s in (3, 4, 5):
@@ -236,8 +236,8 @@ def test_corrupt_step_that_orbax_cannot_read_is_skipped_before_it_is_read(tmp_pa
     with pytest.raises(ValueError, match="DATA_LOSS"):
         restore(tmp_path, mesh_of(4), verify_checksums=False)
     problems = ck.verify_step(root / "2")
-    assert problems == [f"{manifest}: sha256 differs from the recorded one"]
-    with caplog.at_level(logging.ERROR, logger="pingllm.checkpointing"):
+    assert problems == [f"{manifest}: crc32c differs from the recorded one"]
+    with caplog.at_level(logging.ERROR, logger="pingllm.checkpoint.manager"):
         result, it = restore(tmp_path, mesh_of(4))
     assert (result.step, result.source, it.step) == (1, "persistent", 1)
     assert mismatches(result.state, 1) == []

@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tiny
 
-from pingllm import checkpointing, partitioning, step
+from pingllm import partitioning, step
+from pingllm.checkpoint import manager as checkpointing
 from pingllm.model import Transformer, dummy_inputs
 from pingllm.optimizer import OptimizerConfig, ema_update, make_optimizer, params_average
 from pingllm.partitioning import MeshConfig

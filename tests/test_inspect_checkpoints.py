@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import resume_helpers as rh
 
-from pingllm import checkpointing
+from pingllm.checkpoint import manager as checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "inspect_checkpoints.py"
@@ -31,7 +31,7 @@ def named(tree) -> dict[str, np.ndarray]:
     """{Orbax leaf name ('params.layers.mlp.wo.kernel'): value as NumPy}."""
     import jax
 
-    from pingllm.reshard import leaf_name
+    from pingllm.checkpoint.reshard import leaf_name
 
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {leaf_name(p): np.asarray(v) for p, v in leaves}
@@ -110,7 +110,7 @@ def test_listing_statuses_sizes_and_totals(base):
     assert sorted(v for k, v in killed.items() if k[1] != tmp.name) == \
         ["complete"] * (len(killed) - 1)
     flipped_2 = next(st for st in runs["flipped"]["steps"] if st["step"] == 2)
-    assert any("sha256" in p for p in flipped_2["problems"])
+    assert any("crc32c" in p for p in flipped_2["problems"])
 
     for run in report["runs"]:
         for st in run["steps"]:

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from pingllm import checkpointing, partitioning
+from pingllm import partitioning
+from pingllm.checkpoint import manager as checkpointing
 from pingllm import config as config_lib
 from pingllm import model as model_lib
 from pingllm import optimizer as optimizer_lib

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_checkpointing import WORKER, free_port
 
-from pingllm import checkpointing as ck
 from pingllm import preemption
+from pingllm.checkpoint import manager as ck
 
 EXIT = preemption.EXIT_STOPPED_AFTER_SAVE
 

@@ -27,7 +27,7 @@ def named(tree) -> dict[str, np.ndarray]:
     """{Orbax leaf name ('params.layers.mlp.wo.kernel'): value as NumPy}."""
     import jax
 
-    from pingllm.reshard import leaf_name
+    from pingllm.checkpoint.reshard import leaf_name
 
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {leaf_name(p): np.asarray(v) for p, v in leaves}

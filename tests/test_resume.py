@@ -120,7 +120,7 @@ def test_corrupt_newest_step_is_named_skipped_and_kept(one):
     assert bad.rc == 0, bad.tail()
     step_dir = s.run_dir("bad1") / "checkpoints" / str(STEPS)
     assert f"checkpoint {step_dir} failed verification, skipping it (kept on disk)" in log
-    assert f"skipped checkpoint {step_dir} (left on disk): {path}: sha256 differs" in log
+    assert f"skipped checkpoint {step_dir} (left on disk): {path}: crc32c differs" in log
     assert rh.restored(log)[:2] == (30, "persistent")
     # Not deleted, not overwritten by the rerun's step 40.
     assert path.read_bytes()[offset] == value

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pingllm import inspect as inspect_lib  # noqa: E402
+from pingllm.checkpoint import inspect as inspect_lib  # noqa: E402
 
 EXIT_BAD_PATH = 2
 EXIT_NOT_ALL_COMPLETE = 3
@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="show this checkpoint in detail")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--no_hashes", action="store_true",
-                        help="check sizes only, not sha256 (fast on large checkpoints)")
+                        help="check sizes only, not crc32c (fast on large checkpoints)")
     parser.add_argument("--strict", action="store_true",
                         help=f"exit {EXIT_NOT_ALL_COMPLETE} if a listed step is not complete")
     return parser.parse_args(argv)

@@ -101,7 +101,7 @@ def progress_step(run_dir: Path) -> int:
 
 def committed(run_dir: Path) -> dict[int, list[str]]:
     """{step: problems} of every committed step (problems empty when it verifies)."""
-    from pingllm import checkpointing
+    from pingllm.checkpoint import manager as checkpointing
 
     return {i.step: list(i.problems) for i in checkpointing.list_steps(run_dir / "checkpoints")
             if i.status != "incomplete"}

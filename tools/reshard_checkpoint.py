@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
             env = planner.fake_cpu_device_env(num_devices, os.environ)
             os.execve(sys.executable, [sys.executable, __file__, *argv], env)
     from pingllm import config as config_lib
-    from pingllm import reshard
+    from pingllm.checkpoint import reshard
 
     try:
         stored = reshard.stored_leaves(src / "items")

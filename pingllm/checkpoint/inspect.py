@@ -1,31 +1,28 @@
 """What is on disk: runs, their checkpoints (size, files, status, creation time), one step.
 
 Paths go through etils `epath`, so a bucket works like a local directory. A step's status:
-'complete' (committed and, when it carries checksums, every byte matches), 'incomplete' (the
-`<step>.orbax-checkpoint-tmp*` directory of a save that never committed) or 'corrupt' (a file
-missing, resized or changed, or metadata that does not parse). The checks are those of
-`checkpointing.verify_step`, done on epath.
+'complete' (committed and, when it carries checksums, every byte matches), 'incomplete' (a
+save that never committed: `<step>.orbax-checkpoint-tmp*` on disk, `<step>/` without
+commit_success.txt on a bucket) or 'corrupt' (a file missing, resized or changed, or
+metadata that does not parse). All of it is decided by `pingllm.checkpoint.format`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
-import re
 from typing import Any, Literal
 
 import numpy as np
 from etils import epath
 
-from pingllm import checkpointing
+from pingllm.checkpoint import format as fmt
 
 Status = Literal["complete", "incomplete", "corrupt"]
 Kind = Literal["base", "run", "checkpoints", "step"]
-_TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = fmt.CHECKPOINTS
 MB = 2**20
 
 
@@ -92,111 +89,26 @@ class StepDetail:
 # Files and status.
 
 
-def _size(path: epath.Path) -> int:
-    st = path.stat()
-    return int(getattr(st, "st_size", getattr(st, "length", 0)))
-
-
-def _mtime(path: epath.Path) -> float | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return float(getattr(st, "st_mtime", getattr(st, "mtime", 0.0)))
-
-
-def _files(step_dir: epath.Path) -> list[epath.Path]:
-    # epath has no recursive glob (it would be one RPC per directory on GCS anyway); walk.
-    return sorted(root / name for root, _, names in step_dir.walk() for name in names)
-
-
-def _sha256(path: epath.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_json(path: epath.Path) -> Any:
     return json.loads(path.read_text())
 
 
-def step_problems(step_dir: epath.Path, *, check_hashes: bool = True) -> list[str]:
-    """Why a committed step directory is not usable (empty list: complete and intact)."""
-    problems = []
-    meta = step_dir / checkpointing.METADATA_FILE
-    if not meta.exists():
-        problems.append(f"{meta}: missing")
-    else:
-        try:
-            _read_json(meta)
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(f"{meta}: unreadable ({e})")
-    items = step_dir / checkpointing.STATE_ITEM
-    if not items.is_dir():
-        problems.append(f"{items}: missing")
-    else:
-        try:
-            _read_json(items / "_METADATA")
-        except FileNotFoundError:
-            problems.append(f"{items / '_METADATA'}: missing")
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(f"{items / '_METADATA'}: unreadable ({e})")
-    sums_file = step_dir / checkpointing.CHECKSUM_FILE
-    if not sums_file.exists():
-        return problems
-    try:
-        sums = _read_json(sums_file)
-    except (ValueError, UnicodeDecodeError) as e:
-        return problems + [f"{sums_file}: unreadable ({e})"]
-    for rel, want in sorted(sums["files"].items()):
-        file = step_dir / rel
-        if not file.exists():
-            problems.append(f"{file}: missing")
-        elif _size(file) != want["size"]:
-            problems.append(f"{file}: size {_size(file)} != recorded {want['size']}")
-        elif check_hashes and _sha256(file) != want["sha256"]:
-            problems.append(f"{file}: sha256 differs from the recorded one")
-    return problems
-
-
-def _created(step_dir: epath.Path) -> float | None:
-    try:
-        meta = _read_json(step_dir / checkpointing.METADATA_FILE)
-        ns = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
-        if ns:
-            return ns / 1e9
-    except (OSError, ValueError, AttributeError):
-        pass
-    return _mtime(step_dir)
+def _row(info: fmt.StepInfo) -> StepRow:
+    return StepRow(info.step, str(info.path), info.status, info.size, info.files, info.created,
+                   info.problems)
 
 
 def step_row(step_dir: epath.Path, *, check_hashes: bool = True) -> StepRow:
-    sizes = []
-    for f in _files(step_dir):
-        try:
-            sizes.append(_size(f))
-        except FileNotFoundError:  # removed while we listed (a save finishing, retention)
-            pass
-    files, size = sizes, sum(sizes)
-    tmp = _TMP_RE.match(step_dir.name)
-    if tmp:
-        return StepRow(int(tmp.group(1)), str(step_dir), "incomplete", size, len(files),
-                       _mtime(step_dir), ("temporary directory of a save that never committed",))
-    problems = tuple(step_problems(step_dir, check_hashes=check_hashes))
-    return StepRow(int(step_dir.name), str(step_dir), "corrupt" if problems else "complete",
-                   size, len(files), _created(step_dir), problems)
+    return _row(fmt.step_info(step_dir, verify=check_hashes))
 
 
 def _is_step_name(name: str) -> bool:
-    return name.isdigit() or bool(_TMP_RE.match(name))
+    return fmt.parse_step_name(name) is not None
 
 
 def step_rows(checkpoints_dir: epath.Path, *, check_hashes: bool = True) -> list[StepRow]:
     """Every step directory (committed or not) under `checkpoints_dir`, oldest first."""
-    rows = [step_row(d, check_hashes=check_hashes) for d in checkpoints_dir.iterdir()
-            if d.is_dir() and _is_step_name(d.name)]
+    rows = [_row(i) for i in fmt.list_steps(checkpoints_dir, verify=check_hashes)]
     return sorted(rows, key=lambda r: (r.step, r.status != "incomplete"))
 
 
@@ -212,8 +124,8 @@ def classify(path: epath.Path) -> Kind:
         raise InspectError(f"{path}: not a directory (expected a base output, run or step "
                            "directory)")
     if _is_step_name(path.name) and (
-            (path / checkpointing.STATE_ITEM).exists()
-            or (path / checkpointing.METADATA_FILE).exists()
+            (path / fmt.STATE_ITEM).exists()
+            or (path / fmt.METADATA_FILE).exists()
             or path.parent.name == CHECKPOINTS):
         return "step"
     if path.name == CHECKPOINTS:
@@ -258,7 +170,7 @@ def resolve_step(path: epath.PathLike, *, run: str | None, step: int | None) -> 
     path = epath.Path(path)
     kind = classify(path)
     if kind == "step":
-        if step is not None and _TMP_RE.sub(r"\1", path.name) != str(step):
+        if step is not None and fmt.TMP_RE.sub(r"\1", path.name) != str(step):
             raise InspectError(f"{path} is step {path.name}, not {step}")
         return path
     if step is None:
@@ -311,18 +223,18 @@ def step_detail(step_dir: epath.PathLike) -> StepDetail:
     row = step_row(step_dir)
     if row.status == "incomplete":
         raise InspectError(f"{step_dir}: incomplete save (never committed); nothing to read")
-    items = step_dir / checkpointing.STATE_ITEM
+    items = step_dir / fmt.STATE_ITEM
     try:
-        tree = checkpointing.stored_tree_metadata(items)
+        tree = fmt.stored_tree_metadata(items)
     except Exception as e:  # Orbax raises various types for unreadable metadata
         raise InspectError(f"{items}: unreadable checkpoint metadata ({e})") from e
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    arrays = tuple(_array_info(checkpointing._path_str(p), m) for p, m in leaves)
+    arrays = tuple(_array_info(fmt.path_str(p), m) for p, m in leaves)
     params_only = not any(a.name.startswith(("params.", "opt_state.")) for a in arrays)
     param_count = sum(math.prod(a.shape) for a in arrays
                       if params_only or a.name.startswith("params."))
     iterator = {}
-    iter_dir = step_dir / checkpointing.ITER_ITEM
+    iter_dir = step_dir / fmt.ITER_ITEM
     if iter_dir.is_dir():
         for f in sorted(iter_dir.glob("process_*.json")):
             try:
@@ -331,7 +243,7 @@ def step_detail(step_dir: epath.PathLike) -> StepDetail:
                 iterator[f.name] = f.read_text()
     metadata = {}
     try:
-        raw = _read_json(step_dir / checkpointing.METADATA_FILE)
+        raw = _read_json(step_dir / fmt.METADATA_FILE)
         for key in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
             if raw.get(key):
                 metadata[key] = raw[key]
@@ -341,7 +253,7 @@ def step_detail(step_dir: epath.PathLike) -> StepDetail:
         pass
     checksums = {}
     try:
-        sums = _read_json(step_dir / checkpointing.CHECKSUM_FILE)
+        sums = _read_json(step_dir / fmt.CHECKSUM_FILE)
         checksums = {k: v for k, v in sums.items() if k != "files"}
         checksums["files_recorded"] = len(sums.get("files", {}))
     except (OSError, ValueError):

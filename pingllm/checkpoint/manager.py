@@ -10,16 +10,11 @@ each process writes only its own shards into its own directory. See docs/checkpo
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
-import os
-import re
-import shutil
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -29,16 +24,25 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.checkpoint_managers import preservation_policy as preservation_lib
 
+from pingllm.checkpoint import format as fmt
+from pingllm.checkpoint import storage
+from pingllm.checkpoint.format import (  # noqa: F401 - part of this module's interface
+    CHECKSUM_FILE,
+    ITER_ITEM,
+    METADATA_FILE,
+    STATE_ITEM,
+    RestoreMismatchError,
+    StepInfo,
+    check_compatible,
+    list_steps,
+    read_checksums,
+    stored_tree_metadata,
+    verify_step,
+    write_checksums,
+)
+
 log = logging.getLogger(__name__)
 
-CHECKSUM_FILE = "pingllm_checksums.json"
-METADATA_FILE = "_CHECKPOINT_METADATA"
-STATE_ITEM = "items"
-ITER_ITEM = "iter"
-# Orbax rewrites these two after the last moment we can hook (commit timestamp, commit marker),
-# so they are checked for presence/parse but not checksummed.
-_UNCHECKSUMMED = frozenset({METADATA_FILE, "commit_success.txt", CHECKSUM_FILE})
-_TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 _MAX_LOCAL_STEPS_AGREED = 16
 
 
@@ -80,18 +84,6 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepInfo:
-    step: int
-    path: Path
-    status: Literal["complete", "incomplete", "corrupt"]
-    size: int
-    files: int
-    created: float | None  # Unix seconds (commit time when known, else mtime)
-    verified: bool  # True when a checksum file was present and matched
-    problems: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class SaveMetrics:
     """One committed save, for TensorBoard."""
 
@@ -116,10 +108,6 @@ class RestoreResult:
 
 class CheckpointSaveError(RuntimeError):
     """A save failed (disk full, I/O error); earlier steps are untouched."""
-
-
-class RestoreMismatchError(ValueError):
-    """The stored tree does not fit the target (shape, dtype or structure); names the leaves."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,194 +163,13 @@ def _set_iterator_state(iterator: Any, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Integrity: checksums written inside the temporary step directory before Orbax's atomic rename,
-# so a committed step always carries them.
-
-
-def _step_files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_checksums(step_dir: Path, extra: dict | None = None) -> int:
-    """Records size and sha256 of every file under step_dir (atomically); returns total bytes."""
-    step_dir = Path(step_dir)
-    files = {}
-    for path in _step_files(step_dir):
-        rel = path.relative_to(step_dir).as_posix()
-        if rel in _UNCHECKSUMMED:
-            continue
-        files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    body = {"version": 1, "files": files, **(extra or {})}
-    tmp = step_dir / f".{CHECKSUM_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / CHECKSUM_FILE)
-    return sum(v["size"] for v in files.values())
-
-
-def read_checksums(step_dir: Path) -> dict | None:
-    path = Path(step_dir) / CHECKSUM_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
-
-
-def verify_step(path: str | os.PathLike, *, check_hashes: bool = True) -> list[str]:
-    """Problems found in one step directory (empty list: complete and, if recorded, intact)."""
-    step_dir = Path(path)
-    if _TMP_RE.match(step_dir.name):
-        return [f"{step_dir}: incomplete (temporary directory of an unfinished save)"]
-    if not step_dir.is_dir():
-        return [f"{step_dir}: not a directory"]
-    problems = []
-    meta = step_dir / METADATA_FILE
-    if not meta.exists():
-        problems.append(f"{meta}: missing")
-    else:
-        try:
-            json.loads(meta.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            problems.append(f"{meta}: unreadable ({e})")
-    if not (step_dir / STATE_ITEM).is_dir():
-        problems.append(f"{step_dir / STATE_ITEM}: missing")
-    try:
-        sums = read_checksums(step_dir)
-    except (ValueError, UnicodeDecodeError) as e:
-        return problems + [f"{step_dir / CHECKSUM_FILE}: unreadable ({e})"]
-    if sums is None:
-        return problems
-    for rel, want in sorted(sums["files"].items()):
-        file = step_dir / rel
-        if not file.exists():
-            problems.append(f"{file}: missing")
-            continue
-        size = file.stat().st_size
-        if size != want["size"]:
-            problems.append(f"{file}: size {size} != recorded {want['size']}")
-        elif check_hashes and _sha256(file) != want["sha256"]:
-            problems.append(f"{file}: sha256 differs from the recorded one")
-    return problems
-
-
-def _parse_step(name: str) -> int | None:
-    return int(name) if name.isdigit() else None
-
-
-def _created(step_dir: Path) -> float | None:
-    try:
-        meta = json.loads((step_dir / METADATA_FILE).read_text())
-        ns = meta.get("commit_timestamp_nsecs") or meta.get("init_timestamp_nsecs")
-        if ns:
-            return ns / 1e9
-    except (OSError, ValueError):
-        pass
-    try:
-        return step_dir.stat().st_mtime
-    except OSError:
-        return None
-
-
-def list_steps(directory: str | os.PathLike, *, verify: bool = True) -> list[StepInfo]:
-    """Every step directory under `directory` (complete, incomplete or corrupt), oldest first."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    infos = []
-    for child in root.iterdir():
-        if not child.is_dir():
-            continue
-        step = _parse_step(child.name)
-        tmp = _TMP_RE.match(child.name)
-        if step is None and tmp is None:
-            continue
-        files = _step_files(child)
-        size = sum(f.stat().st_size for f in files)
-        if tmp:
-            infos.append(StepInfo(int(tmp.group(1)), child, "incomplete", size, len(files),
-                                  _created(child), False, (f"{child}: unfinished save",)))
-            continue
-        problems = tuple(verify_step(child, check_hashes=verify))
-        sums_present = (child / CHECKSUM_FILE).exists()
-        infos.append(StepInfo(step, child, "corrupt" if problems else "complete", size,
-                              len(files), _created(child), sums_present and verify and not problems,
-                              problems))
-    return sorted(infos, key=lambda i: (i.step, i.status != "complete"))
-
-
-def _committed_steps(root: Path) -> list[int]:
-    """Step numbers whose directory is under its final name, newest first."""
-    if not root.is_dir():
-        return []
-    steps = [_parse_step(p.name) for p in root.iterdir() if p.is_dir()]
-    return sorted((s for s in steps if s is not None), reverse=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Compatibility of a stored tree with the target, named leaf by leaf.
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _path_str(path: Sequence[Any]) -> str:
-    return ".".join(_key_name(k) for k in path)
-
-
-def _flat_by_name(tree: Any) -> dict[str, Any]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_str(p): leaf for p, leaf in leaves}
-
-
-def stored_tree_metadata(items_dir: str | os.PathLike) -> Any:
-    """Orbax's metadata tree (ArrayMetadata leaves: shape, dtype, sharding) of a state item."""
-    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(items_dir).absolute())
-    return getattr(meta, "tree", meta)
-
-
-def check_compatible(stored: Any, target: Any, *, where: str = "") -> None:
-    """Raises RestoreMismatchError naming every leaf whose shape/dtype/presence differs."""
-    got = _flat_by_name(stored)
-    want = _flat_by_name(target)
-    problems = []
-    for name, leaf in want.items():
-        if name not in got:
-            problems.append(f"{name}: missing in checkpoint")
-            continue
-        s = got[name]
-        if tuple(s.shape) != tuple(leaf.shape):
-            problems.append(f"{name}: checkpoint shape {tuple(s.shape)} != "
-                            f"target shape {tuple(leaf.shape)}")
-        elif np.dtype(s.dtype) != np.dtype(leaf.dtype):
-            problems.append(f"{name}: checkpoint dtype {np.dtype(s.dtype).name} != "
-                            f"target dtype {np.dtype(leaf.dtype).name}")
-    problems += [f"{name}: in checkpoint but not in target" for name in got if name not in want]
-    if problems:
-        raise RestoreMismatchError(
-            f"checkpoint {where} does not match the model:\n  " + "\n  ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
 # Shard layout of one process, so a local-tier step is only used by the layout that wrote it.
 
 
 def layout_fingerprint(tree: Any) -> str:
     """Hash of (process count, leaf names, global shapes, this process's device->index map)."""
     parts = [f"processes={jax.process_count()}", f"process={jax.process_index()}"]
-    for name, leaf in sorted(_flat_by_name(tree).items()):
+    for name, leaf in sorted(fmt.flat_by_name(tree).items()):
         sharding = getattr(leaf, "sharding", None)
         shape = tuple(leaf.shape)
         if sharding is None:
@@ -428,27 +235,30 @@ class _Pending:
     bytes_written: int | None = None
 
 
-def _remove_stale_tmp_directories(directory: Path) -> None:
-    """Deletes unfinished saves of an earlier run before Orbax starts.
+def _remove_stale_tmp_directories(directory: epath.Path) -> None:
+    """Deletes unfinished saves of an earlier run (local disk) before Orbax starts.
 
     Instead of Orbax's cleanup_tmp_directories, which could still be deleting a stale
     `<step>.orbax-checkpoint-tmp-*` in the background when a save of the same step started and
     cleared it too: under load the two rmtree calls raced and the save failed with ENOENT.
+    On a bucket nothing is removed: an unfinished `<step>/` (no commit_success.txt) cannot be
+    told apart from a save still running elsewhere; it is never restored, and kept.
     """
-    if not directory.is_dir():
+    if storage.is_remote(directory) or not directory.is_dir():
         return
     for child in directory.iterdir():
-        if child.is_dir() and _TMP_RE.match(child.name):
+        parsed = fmt.parse_step_name(child.name)
+        if parsed and parsed[1] and child.is_dir():
             log.warning("removing %s: an unfinished save of an earlier run", child)
-            shutil.rmtree(child, ignore_errors=True)
+            child.rmtree(missing_ok=True)
 
 
 class _Tier:
-    def __init__(self, name: Literal["persistent", "local"], directory: Path, *,
+    def __init__(self, name: Literal["persistent", "local"], directory: epath.Path, *,
                  keep: int | None, keep_period: int | None, verify_checksums: bool,
                  use_compression: bool):
         self.name = name
-        self.directory = Path(directory).absolute()  # Orbax's OCDBT paths must be absolute
+        self.directory = fmt.as_path(directory)
         self.verify_checksums = verify_checksums
         self.pinned: set[int] = set()
         self._pending: _Pending | None = None
@@ -503,8 +313,9 @@ class _Tier:
         if pending is None:
             return
         written = time.time()
-        tmp = sorted(glob.glob(str(self.directory / f"{pending.step}.orbax-checkpoint-tmp*")))
-        step_dir = Path(tmp[0]) if tmp else self.directory / str(pending.step)
+        # Local disk: the temporary directory; a bucket: the final one (no rename there).
+        tmp = sorted(self.directory.glob(f"{pending.step}.orbax-checkpoint-tmp*"))
+        step_dir = tmp[0] if tmp else fmt.step_path(self.directory, pending.step)
         if self.verify_checksums:
             extra = {"step": pending.step, "tier": self.name,
                      "process_count": jax.process_count()}
@@ -513,13 +324,15 @@ class _Tier:
                 extra["process_index"] = jax.process_index()
             nbytes = write_checksums(step_dir, extra)
         else:
-            nbytes = sum(f.stat().st_size for f in _step_files(step_dir))
+            nbytes = sum(f.size for f in fmt.listing(step_dir).values())
         pending.write_seconds = written - pending.start
         pending.bytes_written = nbytes
 
     def step_exists(self, step: int) -> bool:
         # A decision every process must share: otherwise the save barriers would diverge.
-        return _any_process((self.directory / str(step)).exists())
+        # On a bucket an unfinished `<step>/` of a killed run counts too: it is kept, not
+        # overwritten (Orbax would delete it), and this save is skipped with a warning.
+        return _any_process(fmt.step_exists(self.directory, step))
 
     def save(self, step: int, state: Any, iterator: Any, layout: str | None) -> bool:
         t0 = time.perf_counter()
@@ -556,7 +369,8 @@ class _Tier:
         if pending is None:
             return
         self._pending = None
-        if not (self.directory / str(pending.step)).exists():
+        step_dir = fmt.step_path(self.directory, pending.step)
+        if not fmt.is_committed(step_dir, fmt.listing(step_dir)) or not step_dir.exists():
             raise CheckpointSaveError(f"step {pending.step} was not committed in {self.directory}")
         gbps = None
         if pending.bytes_written is not None and pending.write_seconds:
@@ -573,7 +387,7 @@ class _Tier:
     def good_steps(self, *, layout: str | None, limit: int) -> tuple[list[int], list[tuple]]:
         """Newest-first committed steps of this process's view that verify (at most `limit`)."""
         good, bad = [], []
-        for step in _committed_steps(self.directory):
+        for step in fmt.committed_steps(self.directory):
             if len(good) >= limit:
                 break
             path = self.directory / str(step)
@@ -629,9 +443,9 @@ def _field(tree: Any, name: str) -> Any:
 class Checkpointer:
     """Saves and restores the train state and the data iterator of one run."""
 
-    def __init__(self, config: CheckpointConfig, run_dir: str | os.PathLike):
+    def __init__(self, config: CheckpointConfig, run_dir: epath.PathLike):
         self.config = config
-        self.directory = Path(run_dir) / "checkpoints"
+        self.directory = fmt.as_path(run_dir) / fmt.CHECKPOINTS
         self._persistent = None
         self._local = None
         self._layout: str | None = None
@@ -643,7 +457,8 @@ class Checkpointer:
                                  verify_checksums=config.verify_checksums,
                                  use_compression=config.use_compression)
         if config.enable_emergency_checkpoint:
-            local_dir = Path(config.local_checkpoint_directory) / f"process_{jax.process_index()}"
+            local_dir = (fmt.as_path(config.local_checkpoint_directory)
+                         / f"process_{jax.process_index()}")
             self._local = _Tier("local", local_dir,
                                 keep=config.max_num_local_checkpoints_to_keep, keep_period=None,
                                 verify_checksums=config.verify_checksums,
@@ -752,7 +567,7 @@ class Checkpointer:
         return True
 
     def _restore_full_state(self, abstract_state, iterator, t0, timings, skipped):
-        step_dir = Path(self.config.load_full_state_path).absolute()
+        step_dir = fmt.as_path(self.config.load_full_state_path)
         problems = verify_step(step_dir, check_hashes=self.config.verify_checksums)
         if problems:
             raise ValueError(f"load_full_state_path {step_dir} failed verification: "
@@ -782,14 +597,14 @@ class Checkpointer:
                              skipped=tuple(skipped))
 
 
-def restore_params(path: str | os.PathLike, abstract_params: Any, *,
+def restore_params(path: epath.PathLike, abstract_params: Any, *,
                    prefer_ema: bool = False) -> Any:
     """The parameters of a step directory, its items/ directory or a params-only checkpoint
     (e.g. from tools/reshard_checkpoint.py), onto abstract_params.
 
     prefer_ema: a train state's moving average ('ema_params') when it has one, else 'params'.
     """
-    path = Path(path).absolute()  # Orbax's OCDBT paths must be absolute
+    path = fmt.as_path(path)  # Orbax's OCDBT paths must be absolute
     items_dir = path / STATE_ITEM if (path / STATE_ITEM).is_dir() else path
     stored = stored_tree_metadata(items_dir)
     field = None  # a params-only checkpoint is the parameter tree itself

@@ -15,7 +15,6 @@ import asyncio
 import ctypes
 import dataclasses
 import gc
-import glob
 import hashlib
 import math
 import time
@@ -29,7 +28,7 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from pingllm import checkpointing
+from pingllm.checkpoint import format as fmt
 
 Content = Literal["full", "params", "no_iter"]
 CONTENTS: tuple[str, ...] = ("full", "params", "no_iter")
@@ -74,11 +73,11 @@ class ReshardResult:
 
 def leaf_name(path: Sequence[Any]) -> str:
     """Orbax's parameter name of a key path ('opt_state.1.0.mu.token_embedding')."""
-    return checkpointing._path_str(path)
+    return fmt.path_str(path)
 
 
 def items_dir_of(step_dir: epath.Path) -> epath.Path:
-    return step_dir / checkpointing.STATE_ITEM
+    return step_dir / fmt.STATE_ITEM
 
 
 def stored_leaves(items_dir: epath.Path) -> dict[str, Any]:
@@ -86,7 +85,7 @@ def stored_leaves(items_dir: epath.Path) -> dict[str, Any]:
     if not (items_dir / "_METADATA").exists():
         raise ReshardError(f"{items_dir}: not an Orbax state item (no _METADATA)")
     try:
-        tree = checkpointing.stored_tree_metadata(items_dir)
+        tree = fmt.stored_tree_metadata(items_dir)
     except Exception as e:  # Orbax raises several types for unreadable metadata
         raise ReshardError(f"{items_dir}: unreadable checkpoint metadata ({e})") from e
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -301,7 +300,7 @@ class _FilesHandler(ocp.CheckpointHandler):
             (epath.Path(directory) / name).write_text(text)
 
     def restore(self, directory: epath.Path, args: Any = None) -> None:
-        raise NotImplementedError("read iterator files with checkpointing.IteratorHandler")
+        raise NotImplementedError("read iterator files with manager.IteratorHandler")
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -339,7 +338,7 @@ def _nest(plans: Sequence[LeafPlan], structure: Any, content: Content) -> Any:
 
 def iterator_files(step_dir: epath.Path) -> dict[str, str]:
     """The input's iterator states {file name: text} (one per writing process)."""
-    iter_dir = step_dir / checkpointing.ITER_ITEM
+    iter_dir = step_dir / fmt.ITER_ITEM
     if not iter_dir.is_dir():
         return {}
     return {p.name: p.read_text() for p in sorted(iter_dir.iterdir())
@@ -378,16 +377,16 @@ def reshard(
     """
     t0 = time.perf_counter()
     return_large_allocations_to_os()
-    src = epath.Path(input_step).absolute()  # Orbax's OCDBT paths must be absolute
-    problems = checkpointing.verify_step(src)
+    src = fmt.as_path(input_step)  # Orbax's OCDBT paths must be absolute
+    problems = fmt.verify_step(src)
     if problems:
         raise ReshardError(f"input {src} is not a complete checkpoint: {problems[0]}")
     step = int(src.name)
-    dst = output_step_dir(epath.Path(output).absolute(), step)
-    if dst.exists() or glob.glob(f"{dst}.orbax-checkpoint-tmp*"):
+    dst = output_step_dir(fmt.as_path(output), step)
+    if dst.exists() or list(dst.parent.glob(f"{dst.name}.orbax-checkpoint-tmp*")):
         raise ReshardError(f"output {dst} already exists: refusing to overwrite it")
     src_items = items_dir_of(src)
-    structure = checkpointing.stored_tree_metadata(src_items)
+    structure = fmt.stored_tree_metadata(src_items)
     plans = list(plans)
 
     def load(group: list[LeafPlan]) -> dict[str, jax.Array]:
@@ -402,16 +401,16 @@ def reshard(
     state_handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_compression=False,
                                                 type_handler_registry=registry)
     handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    handlers.add(checkpointing.STATE_ITEM, ocp.args.PyTreeSave, state_handler)
-    items = {checkpointing.STATE_ITEM: ocp.args.PyTreeSave(_nest(plans, structure, content))}
+    handlers.add(fmt.STATE_ITEM, ocp.args.PyTreeSave, state_handler)
+    items = {fmt.STATE_ITEM: ocp.args.PyTreeSave(_nest(plans, structure, content))}
     if content != "params":
-        handlers.add(checkpointing.ITER_ITEM, FilesSave, _FilesHandler())
+        handlers.add(fmt.ITER_ITEM, FilesSave, _FilesHandler())
         files = iterator_files(src) if content == "full" else {}
-        items[checkpointing.ITER_ITEM] = FilesSave(files)
+        items[fmt.ITER_ITEM] = FilesSave(files)
 
     def before_commit() -> None:
-        tmp = sorted(glob.glob(f"{dst}.orbax-checkpoint-tmp*"))
-        checkpointing.write_checksums(epath.Path(tmp[0]) if tmp else dst, {
+        tmp = sorted(dst.parent.glob(f"{dst.name}.orbax-checkpoint-tmp*"))
+        fmt.write_checksums(tmp[0] if tmp else dst, {
             "step": step, "tier": "reshard", "source": str(src), "content": content})
 
     options = ocp.CheckpointManagerOptions(
@@ -425,7 +424,7 @@ def reshard(
     t1 = time.perf_counter()
     if verify:
         verify_written(dst, src, plans, max_buffer_bytes)
-    sums = checkpointing.read_checksums(dst) or {"files": {}}
+    sums = fmt.read_checksums(dst) or {"files": {}}
     return ReshardResult(
         step_dir=dst, leaves=len(plans), array_bytes=sum(p.nbytes for p in plans),
         files_bytes=sum(v["size"] for v in sums["files"].values()),
@@ -440,7 +439,7 @@ def verify_written(step_dir: epath.Path, source_step: epath.Path, plans: Sequenc
     The source is read onto the same target sharding and dtype, so a cast is compared with the
     same cast.
     """
-    problems = checkpointing.verify_step(step_dir)
+    problems = fmt.verify_step(step_dir)
     if problems:
         raise ReshardError(f"written checkpoint {step_dir} fails verification: {problems[0]}")
     items = items_dir_of(step_dir)
@@ -448,9 +447,9 @@ def verify_written(step_dir: epath.Path, source_step: epath.Path, plans: Sequenc
     missing = sorted({p.name for p in plans} - set(stored))
     if missing:
         raise ReshardError(f"written checkpoint {step_dir} lacks leaves {missing}")
-    structure = checkpointing.stored_tree_metadata(items)
+    structure = fmt.stored_tree_metadata(items)
     src_items = items_dir_of(source_step)
-    src_structure = checkpointing.stored_tree_metadata(src_items)
+    src_structure = fmt.stored_tree_metadata(src_items)
     for idx in groups([p.nbytes for p in plans], max_buffer_bytes):
         group = {plans[i].name: plans[i] for i in idx}
         for name, plan in group.items():

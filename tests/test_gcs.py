@@ -1,0 +1,269 @@
+"""gs:// run directories against a real fake-gcs-server on 127.0.0.1 (tests/gcs_emulator.py).
+
+A 2-process job trains with BASE_OUTPUT_DIRECTORY on the bucket; one of its processes gets
+SIGKILL while an async save is in flight (a `<step>/` without commit_success.txt); the rerun
+restores the newest committed step and ends bit-equal to an uninterrupted run. The same
+bucket is then read by the inspector (Complete / Incomplete / Corrupt), by plain Orbax in a
+process that imports no pingllm code, by one process on another mesh, by the reshard tool
+(gs:// -> gs://), and by predict / evaluate. Nothing may create a local `gs:` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import resume_helpers as rh
+from etils import epath
+from test_predict import tiny_run, world_rows  # noqa: F401 - session fixtures
+
+STEPS = 40
+# test_kill_restart's settings: its uninterrupted 2-process reference "ref2" is reused.
+BASE = [f"STEPS = {STEPS}", "MAX_NUM_CHECKPOINTS_TO_KEEP = None",
+        "StopConfig.check_every_steps = 2", *rh.PACKED_EMA]
+BUCKET = "pingllm-test"
+
+
+@pytest.fixture(scope="module")
+def bucket(gcs_emulator) -> str:
+    return gcs_emulator.create_bucket(BUCKET)
+
+
+def _no_local_gs_dirs(*roots) -> None:
+    for root in roots:
+        assert not any(p.name.startswith("gs:") for p in epath.Path(root).iterdir()), root
+
+
+def _trainer_pids(launch: rh.Launch) -> list[int]:
+    return launch.pids()[1:]
+
+
+def _save_in_flight(emulator, prefix: str, after: int) -> int | None:
+    """A step > after with objects on the bucket but no commit_success.txt yet."""
+    objects = emulator.objects(BUCKET, prefix)
+    steps: dict[int, bool] = {}
+    for name in objects:
+        m = re.match(re.escape(prefix) + r"(\d+)/(.*)$", name)
+        if m:
+            steps[int(m.group(1))] = steps.get(int(m.group(1)), False) or (
+                m.group(2) == "commit_success.txt")
+    pending = [s for s, done in steps.items() if not done and s > after]
+    return max(pending) if pending else None
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, gcs_emulator, bucket):
+    """The 2-process gs:// run, killed once during an async save, then run to the end."""
+    s = rh.shared(tmp_path_factory)
+    ref = s.run_dir("ref2") / "checkpoints" / str(STEPS)
+    if not ref.is_dir():
+        rh.run(s, "ref2", [*BASE, "CHECKPOINT_PERIOD = 10"], processes=2, devices=2)
+    out = f"{bucket}/out"
+    extra = [*BASE, "CHECKPOINT_PERIOD = 4", f'BASE_OUTPUT_DIRECTORY = "{out}"']
+    run_dir = epath.Path(f"{out}/gcs2")
+    prefix = "out/gcs2/checkpoints/"
+    first = rh.start(s, "gcs2", extra, processes=2, devices=2, tag="_kill")
+    killed_step = None
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and first.popen.poll() is None:
+        killed_step = _save_in_flight(gcs_emulator, prefix, after=8)
+        if killed_step is not None:
+            os.kill(_trainer_pids(first)[-1], signal.SIGKILL)  # one process only
+            break
+        time.sleep(0.002)
+    first.wait(300)
+    assert killed_step is not None, f"no save in flight was seen:\n{first.tail()}"
+    objects_after_kill = gcs_emulator.objects(BUCKET, f"{prefix}{killed_step}/")
+    second = rh.run(s, "gcs2", extra, processes=2, devices=2, tag="_rerun")
+    return {"s": s, "ref": ref, "run_dir": run_dir, "out": out, "killed_step": killed_step,
+            "committed_at_kill": f"{prefix}{killed_step}/commit_success.txt"
+            in objects_after_kill, "first": first, "second": second, "prefix": prefix}
+
+
+@pytest.mark.slow
+def test_killed_save_is_never_restored_nor_deleted_and_rerun_is_bitwise(killed_run,
+                                                                          gcs_emulator):
+    k = killed_run
+    log = k["second"].log()
+    step, tier, fingerprint = rh.restored(log)
+    assert tier == "persistent" and step % 4 == 0
+    if not k["committed_at_kill"]:
+        assert step < k["killed_step"], log[-3000:]
+        # Kept, still incomplete: the rerun skipped that step's save instead of deleting it.
+        left = gcs_emulator.objects(BUCKET, f"{k['prefix']}{k['killed_step']}/")
+        assert left and f"{k['prefix']}{k['killed_step']}/commit_success.txt" not in left
+    restored_state = rh.read_state(k["run_dir"] / "checkpoints" / str(step))
+    assert fingerprint == rh.fingerprint(restored_state["params"])
+    final = rh.read_state(k["run_dir"] / "checkpoints" / str(STEPS))
+    assert rh.assert_trees_bitwise_equal(final, rh.read_state(k["ref"]), "gs:// vs local") > 0
+    # Run files on the bucket: configs, progress, TensorBoard events (copied from the mirror).
+    for name in ("config.gin", "operative_config.gin", "progress.json"):
+        assert (k["run_dir"] / name).exists(), name
+    events = gcs_emulator.objects(BUCKET, "out/gcs2/tensorboard/")
+    assert events and all("events.out.tfevents" in n for n in events)
+    _no_local_gs_dirs(rh.REPO, k["s"].root)
+
+
+def _cli(args, timeout=600, **kw):
+    return subprocess.run([sys.executable, *args], cwd=rh.REPO, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"), **kw)
+
+
+@pytest.mark.slow
+def test_inspector_tells_complete_incomplete_and_corrupt_apart_on_the_bucket(killed_run,
+                                                                             gcs_emulator):
+    k = killed_run
+    import fsspec
+
+    # Flip one byte of one object of a complete step (a copy of the run: the others stay good).
+    fs = fsspec.filesystem("gs")
+    fs.cp(f"{BUCKET}/out/gcs2", f"{BUCKET}/flip/gcs2", recursive=True)
+    victim_step = 8
+    victims = sorted(n for n, size in gcs_emulator.objects(
+        BUCKET, f"flip/gcs2/checkpoints/{victim_step}/items/").items()
+        if "/d/" in n and size > 0)
+    data = bytearray(fs.cat_file(f"{BUCKET}/{victims[0]}"))
+    data[len(data) // 2] ^= 0x01
+    fs.pipe_file(f"{BUCKET}/{victims[0]}", bytes(data))
+
+    proc = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {r["step"]: r for r in json.loads(proc.stdout)["runs"][0]["steps"]}
+    assert steps[victim_step]["status"] == "corrupt"
+    assert "crc32c differs" in steps[victim_step]["problems"][0]
+    assert steps[STEPS]["status"] == "complete" and steps[4]["status"] == "complete"
+    if not k["committed_at_kill"]:
+        assert steps[k["killed_step"]]["status"] == "incomplete"
+    table = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip"])
+    assert "Corrupt" in table.stdout and "Complete" in table.stdout, table.stdout
+    detail = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip/gcs2", "--step",
+                   str(STEPS)])
+    assert detail.returncode == 0 and "params." in detail.stdout, detail.stderr[-2000:]
+    # Orbax's own finalization rule agrees with the inspector on every step.
+    from orbax.checkpoint._src.path import step as step_lib
+
+    for n, row in steps.items():
+        finalized = step_lib.is_path_finalized(epath.Path(row["path"]))
+        assert finalized == (row["status"] != "incomplete"), (n, row["status"])
+
+
+@pytest.mark.slow
+def test_plain_orbax_restores_a_step_from_the_bucket(killed_run):
+    k = killed_run
+    code = (
+        "import sys, json, numpy as np\n"
+        f"sys.path.insert(0, {str(rh.REPO / 'tests')!r})\n"
+        "import resume_helpers as rh\n"
+        f"state = rh.read_state({str(k['run_dir'] / 'checkpoints' / str(STEPS))!r})\n"
+        "assert not [m for m in sys.modules if m.startswith('pingllm')]\n"
+        "print(json.dumps(rh.fingerprint(state['params'])))\n")
+    proc = _cli(["-c", code])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == rh.fingerprint(
+        rh.read_state(k["ref"])["params"])
+
+
+@pytest.mark.slow
+def test_two_process_bucket_checkpoint_restores_on_one_process_and_another_mesh(killed_run):
+    import jax
+
+    from pingllm import config as config_lib
+    from pingllm import trainer
+    from pingllm.checkpoint import manager
+
+    k = killed_run
+    cfg = config_lib.load([str(rh.REPO / "gin/quickstart.gin")],
+                          k["s"].bindings("gcs2", [*BASE, f'BASE_OUTPUT_DIRECTORY = "{k["out"]}"',
+                                                   "ICI_FSDP_PARALLELISM = -1"]))
+    setup = trainer.build(cfg)
+    assert jax.process_count() == 1 and len(jax.devices()) == 8  # saved by 2 x 2
+    result = manager.Checkpointer(cfg.checkpoint, cfg.run.run_dir).restore(
+        setup.abstract_state, None)
+    assert result.step == STEPS and result.source == "persistent"
+    saved = rh.read_state(k["ref"])
+    rh.assert_trees_bitwise_equal(jax.device_get(result.state.params), saved["params"],
+                                  "1 x 8 restore")
+
+
+@pytest.mark.slow
+def test_reshard_from_bucket_to_bucket(killed_run):
+    k = killed_run
+    src = k["run_dir"] / "checkpoints" / str(STEPS)
+    dst = f"gs://{BUCKET}/resharded/run"
+    proc = _cli(["tools/reshard_checkpoint.py", "--input", str(src), "--output", dst,
+                 "--content", "params"])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    from pingllm.checkpoint import format as fmt
+
+    out = epath.Path(dst) / "checkpoints" / str(STEPS)
+    assert fmt.verify_step(out) == []
+    rh.assert_trees_bitwise_equal(rh.read_state(out), rh.read_state(k["ref"])["params"],
+                                  "resharded on gs://")
+
+
+def _to_bucket(local_run: str, name: str) -> str:
+    import fsspec
+
+    fs = fsspec.filesystem("gs")
+    fs.put(local_run, f"{BUCKET}/{name}", recursive=True)
+    return f"gs://{BUCKET}/{name}"
+
+
+def test_predict_and_evaluate_read_a_bucket_checkpoint(tiny_run, world_rows, bucket,  # noqa: F811
+                                                       gcs_emulator, capsys, tmp_path,
+                                                       monkeypatch):
+    from pingllm import evaluate, predict
+
+    remote = _to_bucket(tiny_run, "tiny")
+    _, table = world_rows
+    src, dst = table["src_addr"][0].as_py(), table["dst_addr"][0].as_py()
+    args = ["--src", src, "--dst", dst, "--time", "2025-03-03T12:00:00Z"]
+    assert predict.main(["--checkpoint", tiny_run, *args]) == 0
+    local_line = capsys.readouterr().out.strip()
+    monkeypatch.chdir(tmp_path)
+    assert predict.main(["--checkpoint", remote, *args]) == 0
+    assert capsys.readouterr().out.strip() == local_line  # the same parameters, read from gs://
+    assert evaluate.main(["--checkpoint", f"{remote}/checkpoints", "--max_queries", "8",
+                          "--eval_batches", "1"]) == 0
+    assert "median_relative_error" in capsys.readouterr().out
+    pngs = gcs_emulator.objects(BUCKET, "tiny/eval/")
+    assert {n.rsplit("/", 1)[-1] for n in pngs} >= {"pred_vs_true.png", "calibration.png"}
+    _no_local_gs_dirs(tmp_path, rh.REPO)
+
+
+def test_missing_bucket_is_a_clear_error_within_seconds(gcs_emulator, tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pingllm.main", f"--gin_file={rh.REPO}/gin/quickstart.gin",
+         '--gin_bindings=BASE_OUTPUT_DIRECTORY = "gs://no-such-bucket/out"',
+         '--gin_bindings=RUN_NAME = "r"'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(rh.REPO)))
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "gs://no-such-bucket/out/r" in proc.stderr and "does not exist" in proc.stderr
+    assert seconds < 60, seconds  # includes the interpreter's start-up and imports
+    _no_local_gs_dirs(tmp_path)
+
+
+def test_unreachable_storage_is_a_clear_error_not_a_hang(gcs_emulator, monkeypatch):
+    import gcs_emulator as emulator_lib
+
+    from pingllm.checkpoint import storage
+
+    closed = f"http://127.0.0.1:{emulator_lib.free_port()}"
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", closed)
+    import fsspec
+
+    fsspec.filesystem("gs").clear_instance_cache()
+    t0 = time.monotonic()
+    with pytest.raises(storage.StorageError, match="gs://pingllm-test/x"):
+        storage.check_writable("gs://pingllm-test/x", timeout=5)
+    assert time.monotonic() - t0 < 10
+    fsspec.filesystem("gs").clear_instance_cache()
