@@ -19,12 +19,12 @@ import jax
 import numpy as np
 import pytest
 
-from pingllm import partitioning
-from pingllm.checkpoint import manager as checkpointing
 from pingllm import config as config_lib
 from pingllm import model as model_lib
 from pingllm import optimizer as optimizer_lib
+from pingllm import partitioning
 from pingllm import train_state as state_lib
+from pingllm.checkpoint import manager as checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "plan_run.py"
