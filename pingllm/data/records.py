@@ -167,11 +167,21 @@ def rows_to_split_records(
     max_target_length: int,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     salt: str = DEFAULT_SPLIT_SALT,
+    later_from_s: int | None = None,
 ) -> dict[str, Iterator[dict[str, np.ndarray]]]:
-    """{'train': records, 'test': records}: rows split by pair first, then chunked per split."""
+    """{'train': records, 'test': records}: rows split by pair first, then chunked per split.
+
+    With `later_from_s` (Unix seconds), every row at or after it, whatever its pair, goes to a
+    third split 'later' (train on earlier days, ask about later ones); the earlier rows are
+    split by pair as before.
+    """
     m = measurements_from_table(table)
-    test = split_of_pairs(m.src_addr, m.dst_addr, test_fraction, salt)
-    return {
-        "train": _records(m.take(~test), max_target_length),
+    later = np.zeros(len(m), bool) if later_from_s is None else m.event_time >= later_from_s
+    test = split_of_pairs(m.src_addr, m.dst_addr, test_fraction, salt) & ~later
+    out = {
+        "train": _records(m.take(~test & ~later), max_target_length),
         "test": _records(m.take(test), max_target_length),
     }
+    if later_from_s is not None:
+        out["later"] = _records(m.take(later), max_target_length)
+    return out

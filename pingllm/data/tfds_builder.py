@@ -3,13 +3,15 @@
 Configs: `synthetic` (default, generated locally from `SyntheticInternet`; no download),
 `synthetic_small` (quickstart size) and `manual` (RIPE Atlas JSON lines / Parquet files from
 `manual_dir`, via the importer). `make_config` builds a config for any row count, seed,
-window length and test fraction; its name encodes every value that differs from the preset, so
-different data never shares a directory.
+window length, test fraction and time split (`later_from`: rows from that time on form a third
+split, `later`); its name encodes every value that differs from the preset, so different data
+never shares a directory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,6 +47,19 @@ class RipeAtlasPingConfig(tfds.core.BuilderConfig):
     max_target_length: int = DEFAULT_MAX_TARGET_LENGTH
     test_fraction: float = records.DEFAULT_TEST_FRACTION
     synthetic_duration_s: int = DEFAULT_SYNTHETIC_DURATION_S
+    # ISO 8601 time (UTC unless it says otherwise); "" = no time split. Rows at or after it form
+    # the split `later`; the earlier ones are split by pair into train/test.
+    later_from: str = ""
+
+
+def later_from_seconds(text: str) -> int | None:
+    """Unix seconds of a `later_from` value (ISO 8601, UTC by default), None for ""."""
+    if not text:
+        return None
+    t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    return int(t.timestamp())
 
 
 PRESETS = (
@@ -67,7 +82,8 @@ PRESETS = (
 
 def _values(config: RipeAtlasPingConfig) -> tuple:
     return (config.source, config.synthetic_rows, config.synthetic_seed,
-            config.max_target_length, config.test_fraction, config.synthetic_duration_s)
+            config.max_target_length, config.test_fraction, config.synthetic_duration_s,
+            config.later_from)
 
 
 def make_config(
@@ -78,6 +94,7 @@ def make_config(
     max_target_length: int = DEFAULT_MAX_TARGET_LENGTH,
     test_fraction: float = records.DEFAULT_TEST_FRACTION,
     synthetic_duration_s: int = DEFAULT_SYNTHETIC_DURATION_S,
+    later_from: str = "",
 ) -> RipeAtlasPingConfig:
     """The preset with these values if one exists, else a config named after its values."""
     if source not in ("synthetic", "manual"):
@@ -85,13 +102,14 @@ def make_config(
     synthetic_duration_s = int(synthetic_duration_s)
     if synthetic_duration_s <= 0:
         raise ValueError(f"synthetic_duration_s must be > 0, got {synthetic_duration_s}")
+    later_s = later_from_seconds(later_from)  # raises ValueError on a malformed time
     if source == "manual":  # rows, seed and span mean nothing for files
         synthetic_rows, synthetic_seed = DEFAULT_SYNTHETIC_ROWS, DEFAULT_SYNTHETIC_SEED
         synthetic_duration_s = DEFAULT_SYNTHETIC_DURATION_S
     config = RipeAtlasPingConfig(
         name="", source=source, synthetic_rows=synthetic_rows, synthetic_seed=synthetic_seed,
         max_target_length=max_target_length, test_fraction=test_fraction,
-        synthetic_duration_s=synthetic_duration_s,
+        synthetic_duration_s=synthetic_duration_s, later_from=later_from,
     )
     for preset in PRESETS:
         if _values(preset) == _values(config):
@@ -105,6 +123,9 @@ def make_config(
         name += f"_len{max_target_length}"
     if test_fraction != records.DEFAULT_TEST_FRACTION:
         name += f"_test{test_fraction:g}"
+    if later_s is not None:
+        name += "_later" + datetime.datetime.fromtimestamp(later_s, datetime.UTC).strftime(
+            "%Y%m%dT%H%M%S")
     return dataclasses.replace(config, name=name, description="Derived from make_config().")
 
 
@@ -168,13 +189,22 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager) -> dict[str, Any]:
         config = self.builder_config
         split = records.rows_to_split_records(
-            self._rows(dl_manager), config.max_target_length, config.test_fraction
+            self._rows(dl_manager), config.max_target_length, config.test_fraction,
+            later_from_s=later_from_seconds(config.later_from),
         )
-        return {name: self._generate_examples(recs) for name, recs in split.items()}
+        return {name: self._generate_examples(name, recs) for name, recs in split.items()}
 
-    def _generate_examples(self, recs):
+    def _generate_examples(self, name, recs):
         # Keys only need to be unique: tfds shuffles records by key hash when writing.
-        yield from enumerate(recs)
+        empty = True
+        for key, rec in enumerate(recs):
+            empty = False
+            yield key, rec
+        if empty:  # tfds would only say "No examples were yielded"
+            config = self.builder_config
+            why = (f" (no rows at or after later_from={config.later_from!r}?)"
+                   if name == "later" else "")
+            raise ValueError(f"{config.name}: split {name!r} has no records{why}")
 
 
 def manual_files(manual_dir) -> list[Path]:
@@ -238,6 +268,9 @@ class RecordSource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return decode_record(self.read_raw(int(index)))
 
+    def __getstate__(self):
+        return {**self.__dict__, "_readers": {}}
+
 
 def decode_record(raw: bytes) -> dict[str, np.ndarray]:
     """One stored record (a tf.train.Example of raw-bytes tensors) as the record dict.
@@ -254,6 +287,3 @@ def decode_record(raw: bytes) -> dict[str, np.ndarray]:
         "event_time": np.frombuffer(feature["event_time"].bytes_list.value[0], "<i8"),
         "rtt_ms": np.frombuffer(feature["rtt_ms"].bytes_list.value[0], "<f4"),
     }
-
-    def __getstate__(self):
-        return {**self.__dict__, "_readers": {}}
