@@ -210,7 +210,7 @@ def evaluate(predictor: predict_lib.Predictor, cfg, *, max_queries: int = 500,
 
     t0 = time.perf_counter()
     train_src = pipeline.record_source(cfg.data, "train")
-    test_src = pipeline.record_source(cfg.data, "test")
+    test_src = pipeline.record_source(cfg.data, cfg.data.eval_split)  # 'test' or 'later'
     test_records = [test_src[i] for i in range(len(test_src))]
     train_m = baselines_lib.measurements_of_records(train_src[i] for i in range(len(train_src)))
     fitted = baselines_lib.fit_all(train_m, vivaldi or baselines_lib.VivaldiConfig())
@@ -267,7 +267,7 @@ def _rtt_eval_set(data_config, model_config, max_queries: int, seed: int):
     from pingllm.data import pipeline
 
     train_src = pipeline.record_source(data_config, "train")
-    test_src = pipeline.record_source(data_config, "test")
+    test_src = pipeline.record_source(data_config, data_config.eval_split)
     test_records = [test_src[i] for i in range(len(test_src))]
     train_m = baselines_lib.measurements_of_records(train_src[i] for i in range(len(train_src)))
     fitted = baselines_lib.fit_all(train_m)

@@ -42,6 +42,9 @@ class DataConfig:
     # Seconds the synthetic rows span: shorter = more sources, fewer pings each.
     synthetic_duration_s: int = tfds_builder.DEFAULT_SYNTHETIC_DURATION_S
     test_fraction: float = records.DEFAULT_TEST_FRACTION
+    # Time split (tfds only): rows at or after this ISO 8601 time (UTC by default) form the
+    # split 'later' (eval_split = 'later' asks about them); "" = none.
+    later_from: str = ""
     max_target_length: int = tfds_builder.DEFAULT_MAX_TARGET_LENGTH
     global_batch_size: int = 32  # the run file's GLOBAL_BATCH_SIZE (gin/runs/pretrain.gin)
     seed: int = 0  # record order per epoch and tokenization randomness
@@ -69,6 +72,9 @@ class DataConfig:
                              f"got {self.tfds_config!r}")
         if self.source == "tfds" and self.tfds_config == "manual" and not self.manual_dir:
             raise ValueError("DataConfig.tfds_config='manual' needs DataConfig.manual_dir")
+        if self.later_from and self.source != "tfds":
+            raise ValueError("DataConfig.later_from needs DataConfig.source='tfds'")
+        tfds_builder.later_from_seconds(self.later_from)  # a malformed time fails here
         for name in ("global_batch_size", "max_target_length", "read_threads",
                      "prefetch_batches", "worker_buffer_size", "windows_per_row"):
             if getattr(self, name) <= 0:
@@ -90,6 +96,7 @@ class DataConfig:
             self.tfds_config, synthetic_rows=self.synthetic_rows,
             synthetic_seed=self.synthetic_seed, max_target_length=self.max_target_length,
             test_fraction=self.test_fraction, synthetic_duration_s=self.synthetic_duration_s,
+            later_from=self.later_from,
         )
 
     @property
