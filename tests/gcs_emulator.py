@@ -43,6 +43,7 @@ class Emulator:
         self._tmp = tempfile.TemporaryDirectory(prefix="fake-gcs-")
         root = Path(self._tmp.name)
         (root / "data").mkdir()
+        self.mirror = root / "mirror"  # TensorBoard's local stand-in for gs:// (per session)
         self.log_path = root / "server.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -76,6 +77,7 @@ class Emulator:
             "NO_GCE_CHECK": "true",
             "GCE_METADATA_HOST": meta,
             "GCE_METADATA_IP": meta,
+            "PINGLLM_LOCAL_MIRROR": str(self.mirror),
             "NO_PROXY": "127.0.0.1,localhost",
             "no_proxy": "127.0.0.1,localhost",
         }

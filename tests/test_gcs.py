@@ -11,6 +11,7 @@ process that imports no pingllm code, by one process on another mesh, by the res
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import resume_helpers as rh
 from etils import epath
@@ -235,6 +237,57 @@ def test_predict_and_evaluate_read_a_bucket_checkpoint(tiny_run, world_rows, buc
     pngs = gcs_emulator.objects(BUCKET, "tiny/eval/")
     assert {n.rsplit("/", 1)[-1] for n in pngs} >= {"pred_vs_true.png", "calibration.png"}
     _no_local_gs_dirs(tmp_path, rh.REPO)
+
+
+def test_in_process_save_retention_incomplete_and_corrupt_on_the_bucket(gcs_emulator, bucket,
+                                                                         caplog):
+    """Save / retention / restore through pingllm.checkpoint.manager on gs:// (fast)."""
+    import fsspec
+    import jax
+    from ckpt_worker import StepIterator, abstract_state, make_state, mismatches
+    from jax.sharding import Mesh
+
+    from pingllm.checkpoint import format as fmt
+    from pingllm.checkpoint import manager as ck
+
+    run = f"{bucket}/inproc"
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    cfg = ck.CheckpointConfig(checkpoint_period=1, max_num_checkpoints_to_keep=2)
+    ckpt = ck.Checkpointer(cfg, run)
+    for step in (1, 2, 3):
+        assert ckpt.maybe_save(step, make_state(step, mesh), StepIterator(step))
+    ckpt.close()
+    root = epath.Path(run) / "checkpoints"
+    assert [(i.step, i.status, i.verified) for i in fmt.list_steps(root)] == [
+        (2, "complete", True), (3, "complete", True)]  # retention deleted step 1 on the bucket
+    # A killed save: step 5's objects without commit_success.txt (a copy of step 3, uncommitted).
+    fs = fsspec.filesystem("gs")
+    fs.cp(f"{BUCKET}/inproc/checkpoints/3", f"{BUCKET}/inproc/checkpoints/5", recursive=True)
+    fs.rm_file(f"{BUCKET}/inproc/checkpoints/5/commit_success.txt")
+    # One flipped byte in an object of step 3.
+    victim = max((n for n in gcs_emulator.objects(BUCKET, "inproc/checkpoints/3/items/")
+                  if "/d/" in n), key=lambda n: gcs_emulator.objects(BUCKET, n)[n])
+    data = bytearray(fs.cat_file(f"{BUCKET}/{victim}"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(f"{BUCKET}/{victim}", bytes(data))
+    assert [(i.step, i.status) for i in fmt.list_steps(root)] == [
+        (2, "complete"), (3, "corrupt"), (5, "incomplete")]
+    assert fmt.verify_step(root / "3") == [
+        f"gs://{BUCKET}/{victim}: crc32c differs from the recorded one"]
+    ckpt = ck.Checkpointer(cfg, run)
+    it = StepIterator(-1)
+    result = ckpt.restore(abstract_state(mesh), it)
+    assert (result.step, result.source, it.step) == (2, "persistent", 2)
+    assert mismatches(result.state, 2) == []
+    with caplog.at_level(logging.WARNING, logger="pingllm.checkpoint.manager"):
+        assert ckpt.maybe_save(5, make_state(5, mesh), StepIterator(5)) is False
+    assert "not overwriting" in caplog.text
+    for step in (6, 7):
+        assert ckpt.maybe_save(step, make_state(step, mesh), StepIterator(step))
+    ckpt.close()
+    # The corrupt step is pinned, the unfinished one kept; retention removed step 2 only.
+    assert [(i.step, i.status) for i in fmt.list_steps(root)] == [
+        (3, "corrupt"), (5, "incomplete"), (6, "complete"), (7, "complete")]
 
 
 def test_missing_bucket_is_a_clear_error_within_seconds(gcs_emulator, tmp_path):
