@@ -197,9 +197,10 @@ def main():
     up_vec, up_bat = vec[0] / ref[0], bat[0] / ref[0]
     print(f"speed-up vs reference (CPU time): tokenize_window {up_vec:.1f}x, "
           f"tokenize_windows {up_bat:.1f}x; (wall) {vec[1] / ref[1]:.1f}x, {bat[1] / ref[1]:.1f}x")
-    for name, rate, up in (("tokenize_window", vec[0], up_vec),
-                           ("tokenize_windows", bat[0], up_bat)):
-        print(f"targets, {name}: >= 5 M tokens/s per core {'met' if rate >= 5e6 else 'MISSED'}; "
+    for name, rate, up, floor in (("tokenize_window", vec[0], up_vec, 5e6),
+                                  ("tokenize_windows", bat[0], up_bat, 20e6)):
+        print(f"targets, {name}: >= {floor / 1e6:.0f} M tokens/s per core "
+              f"{'met' if rate >= floor else 'MISSED'}; "
               f">= 15x reference {'met' if up >= 15 else 'MISSED'}")
 
 

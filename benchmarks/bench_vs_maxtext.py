@@ -7,13 +7,22 @@ Needs the peer installed once: /work/shared/peers/maxtext/setup_peer.sh (PY312=<
 pingllm runs its CPU configuration: scanned layers with the scan fully unrolled
 (ModelConfig.scan_unroll = num_layers; `--pingllm_binding ModelConfig.scan_unroll=1` for the
 plain loop). MaxText runs the peer's own config (scan_layers true, remat minimal_with_context).
-Each round runs pingllm then MaxText (run_peer.sh, FRESH=1) for each size, so slow drift in the
-machine's load hits both alike. Both are launched by this script and measured the same way:
+Each round runs, for each size: pingllm fresh, MaxText fresh (run_peer.sh, FRESH=1), pingllm
+resumed, MaxText resumed, so slow drift in the machine's load hits both alike. Both are
+launched by this script and measured the same way:
 
+* fresh run: a new run directory and an emptied persistent compilation cache on both sides
+  (pingllm's default <base_output_directory>/.jax_cache; MaxText's jax_cache_dir, which its
+  decoupled config leaves "", set to a directory of its own, with the same zero thresholds
+  through JAX's environment variables, so that MaxText caches its small programs too).
+  --no_cache runs both without a cache (pingllm ENABLE_COMPILATION_CACHE=False).
+* resumed runs: the same command again with RESUME_STEPS more steps, twice ("resume", then
+  "resume2"): each restores its own last checkpoint, with the compilation cache the earlier
+  starts filled (MaxText resumes by itself). MaxText's first resume misses its cache (its
+  restored state lowers a different train step than its fresh one); its second one hits.
 * time to first step (TTFS): wall clock from launching the interpreter to the log line of the
-  first completed step (absl timestamps: pingllm's "time to first step", MaxText's "completed
-  step: 0"); neither uses a persistent compilation cache (MaxText's decoupled config sets
-  jax_cache_dir "", and pingllm runs without RunConfig.compilation_cache_dir) unless --warm_cache.
+  first completed step (absl timestamps: pingllm's "time to first step", MaxText's first
+  "completed step: N").
 * step tokens/s: median over steady-state steps (excluding the first two) of each one's own
   per-step figure: MaxText's "Tokens/s/device" (measured between dispatches), pingllm's
   steps/s of LOG_PERIOD=1 windows (dispatch to dispatch, including fetching the next batch
@@ -52,6 +61,7 @@ SIZES = {
 }
 CHECKPOINT_PERIOD = 10
 DROPOUT = 0.1  # MaxText peer: latency_peer.yml dropout_rate 0.1 (enable_dropout true)
+RESUME_STEPS = 10  # steps a resumed run adds
 SKIP = 2  # leading steps left out of steady state (compile / async warm-up), as summarize_log.py
 
 ABSL = re.compile(r"^I(\d{4}) (\d\d:\d\d:\d\d\.\d+)")
@@ -165,23 +175,33 @@ def _model_bindings(size: dict) -> list[str]:
     ]
 
 
-def run_pingllm(size: dict, args, tag: str) -> dict:
+def _env_without_cache_settings() -> dict:
+    """This process's environment minus JAX cache variables (a test suite's, say)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+
+
+def run_pingllm(size: dict, args, tag: str, resume: int = 0) -> dict:
     tokens = size["batch"] * size["seq"]
     out = os.path.join(args.out, "pingllm")
+    steps = size["steps"] + resume * RESUME_STEPS
     bindings = [
         *_model_bindings(size),
-        f"GLOBAL_BATCH_SIZE={size['batch']}", f"STEPS={size['steps']}", "LOG_PERIOD=1",
+        f"GLOBAL_BATCH_SIZE={size['batch']}", f"STEPS={steps}", "LOG_PERIOD=1",
         f"CHECKPOINT_PERIOD={CHECKPOINT_PERIOD}", "EVAL_INTERVAL=0",
         f'BASE_OUTPUT_DIRECTORY="{out}"', f'DATASET_PATH="{args.dataset_path}"',
         f'RUN_NAME="{tag}"', "DataConfig.synthetic_rows=100000", *args.pingllm_binding,
     ]
-    if args.warm_cache:
-        bindings.append(f'RunConfig.compilation_cache_dir="{args.out}/jax_cache_pingllm"')
-    subprocess.run(["rm", "-rf", os.path.join(out, tag)], check=True)
+    if args.no_cache:
+        bindings.append("ENABLE_COMPILATION_CACHE=False")
+    if not resume:  # a new run directory and an empty cache (the default one, in `out`)
+        subprocess.run(["rm", "-rf", os.path.join(out, tag), os.path.join(out, ".jax_cache")],
+                       check=True)
     cmd = [PY, "-m", "pingllm.main", "--gin_file=gin/quickstart.gin"]
     cmd += [f"--gin_bindings={b}" for b in bindings]
-    log_path = os.path.join(args.out, "logs", f"{tag}.log")
-    m = run_measured(cmd, log_path, dict(os.environ), re.compile(r"time to first step"))
+    log_path = os.path.join(args.out, "logs", f"{tag}{f'_resume{resume}' if resume else ''}.log")
+    m = run_measured(cmd, log_path, _env_without_cache_settings(),
+                     re.compile(r"time to first step"))
     year = dt.datetime.fromtimestamp(m["t0"]).year
     steps, rates, first = [], [], None
     for line in open(log_path, errors="replace"):
@@ -195,26 +215,37 @@ def run_pingllm(size: dict, args, tag: str) -> dict:
             if float(s[2]) > 0:
                 rates.append((int(s[1]), float(s[2])))
     per_step = [r * tokens for n, r in rates if n > SKIP]
+    text = open(log_path, errors="replace").read()
+    cache = re.search(r"compilation cache: (\d+) programs, (\d+) loaded from the cache", text)
+    if first and cache:
+        first.update(programs=int(cache[1]), from_cache=int(cache[2]))
     return dict(m, who="pingllm", tag=tag, log=log_path, first=first, steps_logged=len(steps),
                 tok_s_median=st.median(per_step) if per_step else None,
                 tok_s_span=span_tokens_per_s(steps, tokens))
 
 
-def run_maxtext(size: dict, args, tag: str) -> dict:
+def run_maxtext(size: dict, args, tag: str, resume: int = 0) -> dict:
     tokens = size["batch"] * size["seq"]
-    env = dict(os.environ, OUT_DIR=os.path.join(args.out, "maxtext"), RUN_NAME=tag, FRESH="1",
+    steps = size["steps"] + resume * RESUME_STEPS
+    env = dict(_env_without_cache_settings(), OUT_DIR=os.path.join(args.out, "maxtext"),
+               RUN_NAME=tag, FRESH="0" if resume else "1",
                EMB=str(size["emb"]), LAYERS=str(size["layers"]), HEADS=str(size["heads"]),
                HEAD_DIM=str(size["head_dim"]), MLP=str(size["mlp"]), SEQ=str(size["seq"]),
-               BATCH=str(size["batch"]), STEPS=str(size["steps"]),
+               BATCH=str(size["batch"]), STEPS=str(steps),
                CKPT_PERIOD=str(CHECKPOINT_PERIOD))
     if args.peer_venv:
         env["VENV"] = args.peer_venv
     extra = [f"dropout_rate={DROPOUT}", "dtype=bfloat16"]
-    if args.warm_cache:
-        extra.append(f"jax_cache_dir={args.out}/jax_cache_maxtext")
-    log_path = os.path.join(args.out, "logs", f"{tag}.log")
+    if not args.no_cache:
+        cache = os.path.join(args.out, "maxtext_cache")
+        if not resume:
+            subprocess.run(["rm", "-rf", cache], check=True)
+        extra.append(f"jax_cache_dir={cache}")
+        env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    log_path = os.path.join(args.out, "logs", f"{tag}{f'_resume{resume}' if resume else ''}.log")
     m = run_measured([os.path.join(PEER, "run_peer.sh"), *extra], log_path, env,
-                     re.compile(r"completed step: 0,"), watch=peer_log)
+                     re.compile(r"completed step: \d+,"), watch=peer_log)
     year = dt.datetime.fromtimestamp(m["t0"]).year
     steps, rates = [], []
     for line in open(peer_log(log_path) or log_path, errors="replace"):
@@ -222,7 +253,7 @@ def run_maxtext(size: dict, args, tag: str) -> dict:
         if (s := PEER_STEP.search(line)) and ts:
             steps.append((int(s[1]), ts))
             rates.append(float(s[4]))
-    first = dict(ttfs=steps[0][1] - m["t0"]) if steps and steps[0][0] == 0 else None
+    first = dict(ttfs=steps[0][1] - m["t0"], step=steps[0][0]) if steps else None
     per_step = steady(rates)
     return dict(m, who="maxtext", tag=tag, log=log_path, first=first, steps_logged=len(steps),
                 tok_s_median=st.median(per_step) if per_step else None,
@@ -330,9 +361,8 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/pingllm_bench")
     p.add_argument("--dataset_path", default="/tmp/pingllm_bench/tfds")
     p.add_argument("--peer_venv", default="", help="VENV for run_peer.sh (default: its own)")
-    p.add_argument("--warm_cache", action="store_true",
-                   help="both use a persistent compilation cache, filled by an extra first "
-                        "round that is left out of the summary")
+    p.add_argument("--no_cache", action="store_true",
+                   help="neither uses a persistent compilation cache")
     p.add_argument("--step_only_steps", type=int, default=12)
     p.add_argument("--pingllm_binding", action="append", default=[],
                    help="extra gin binding for pingllm runs (repeatable)")
@@ -344,78 +374,90 @@ def main() -> None:
         print(f"start: loadavg {f.read().split()[:3]}, {os.cpu_count()} CPUs", flush=True)
 
     matmul = [measure_matmul()]
-    results: dict[int, dict[str, list]] = {s: {"pingllm": [], "maxtext": []} for s in sizes}
+    phases = ("fresh", "resume", "resume2")
+    results = {s: {ph: {"pingllm": [], "maxtext": []} for ph in phases} for s in sizes}
     step_only: dict[int, list] = {s: [] for s in sizes}
-    first_round = -1 if args.warm_cache else 0
-    for r in range(first_round, args.rounds):
+    for r in range(args.rounds):
         for s in sizes:
-            for who, fn in (("pingllm", run_pingllm), ("maxtext", run_maxtext)):
-                res = fn(SIZES[s], args, f"{who}_s{s}_r{r}")
-                if r >= 0:
-                    results[s][who].append(res)
-                print(f"size {s} round {r} {who:8s} rc {res['rc']} ttfs "
-                      f"{fmt(res['first'] and res['first']['ttfs'], '.1f')} s, tok/s median "
-                      f"{fmt(res['tok_s_median'])}, span {fmt(res['tok_s_span'])}, wall "
-                      f"{res['wall']:.1f} s, cpu {res['cpu']:.1f} s (at first step "
-                      f"{fmt(res['cpu_at_first_step'], '.1f')}), other processes "
-                      f"{res['other_cores']:.2f} of {res['ncpu']} cores", flush=True)
-                if who == "pingllm" and res["first"]:
-                    f = res["first"]
-                    print(f"    pingllm start-up: own TTFS {f['own_ttfs']:.2f} s (from train()), "
-                          f"data {f['data']:.2f}, restore/init {f['restore']:.2f}, first batch "
-                          f"{f['first_batch']:.2f}, compile {f['compile']:.2f}; interpreter + "
-                          f"imports + build {f['ttfs'] - f['own_ttfs']:.2f} s", flush=True)
-            if r < 0:
-                continue
-            so = run_step_only(SIZES[s], args, args.step_only_steps)
-            step_only[s].append(so)
-            print(f"size {s} round {r} pingllm step-only: median {so['step_s']:.4f} s/step "
-                  f"({so['cpu_s']:.3f} cpu-s), {so['tok_s']:.0f} tok/s; all processes busy "
-                  f"{so['busy_cores']:.2f} cores; times {so['times']}",
-                  flush=True)
+            for phase in phases:
+                for who, fn in (("pingllm", run_pingllm), ("maxtext", run_maxtext)):
+                    res = fn(SIZES[s], args, f"{who}_s{s}_r{r}", resume=phases.index(phase))
+                    results[s][phase][who].append(res)
+                    print(f"size {s} round {r} {phase:7s} {who:8s} rc {res['rc']} ttfs "
+                          f"{fmt(res['first'] and res['first']['ttfs'], '.1f')} s, tok/s median "
+                          f"{fmt(res['tok_s_median'])}, span {fmt(res['tok_s_span'])}, wall "
+                          f"{res['wall']:.1f} s, cpu {res['cpu']:.1f} s (at first step "
+                          f"{fmt(res['cpu_at_first_step'], '.1f')}), other processes "
+                          f"{res['other_cores']:.2f} of {res['ncpu']} cores", flush=True)
+                    if who == "pingllm" and res["first"]:
+                        f = res["first"]
+                        print(f"    pingllm start-up: own TTFS {f['own_ttfs']:.2f} s (from "
+                              f"train()), data {f['data']:.2f}, restore/init {f['restore']:.2f}, "
+                              f"first batch {f['first_batch']:.2f}, compile {f['compile']:.2f}; "
+                              f"interpreter + imports + build {f['ttfs'] - f['own_ttfs']:.2f} s; "
+                              f"programs from the cache {f.get('from_cache', 'n/a')} of "
+                              f"{f.get('programs', 'n/a')}", flush=True)
+            if args.step_only_steps > 0:
+                so = run_step_only(SIZES[s], args, args.step_only_steps)
+                step_only[s].append(so)
+                print(f"size {s} round {r} pingllm step-only: median {so['step_s']:.4f} s/step "
+                      f"({so['cpu_s']:.3f} cpu-s), {so['tok_s']:.0f} tok/s; all processes busy "
+                      f"{so['busy_cores']:.2f} cores; times {so['times']}", flush=True)
         matmul.append(measure_matmul())
 
     f32 = st.median(m["f32"] for m in matmul)
     bf16 = st.median(m["bf16"] for m in matmul)
     print(f"\nmatmul 1024^3 (median of {len(matmul)}): float32 {f32 / 1e9:.1f} GFLOP/s, "
           f"bfloat16 {bf16 / 1e9:.1f} GFLOP/s")
+    ratio = lambda a, b: fmt(a / b if a and b else None, ".2f")
     for s in sizes:
         size, fpt = SIZES[s], flops_per_token(SIZES[s])
         print(f"\n== size {s}: E{size['emb']} L{size['layers']} H{size['heads']}x"
               f"{size['head_dim']} M{size['mlp']} S{size['seq']} B{size['batch']}, "
-              f"{size['steps']} steps, checkpoint every {CHECKPOINT_PERIOD}, dropout {DROPOUT}, "
-              f"bf16 compute; {fpt / 1e6:.2f} MFLOP/token")
+              f"{size['steps']} steps (+{RESUME_STEPS} resumed), checkpoint every "
+              f"{CHECKPOINT_PERIOD}, dropout {DROPOUT}, bf16 compute; {fpt / 1e6:.2f} MFLOP/token; "
+              "compilation cache " + ("off" if args.no_cache
+                                      else "on, emptied before each fresh run"))
         med = {}
-        for who in ("pingllm", "maxtext"):
-            runs = [x for x in results[s][who] if x["rc"] == 0]
-            def pick(k, runs=runs):
-                return [x[k] for x in runs if x[k] is not None]
+        for phase in phases:
+            for who in ("pingllm", "maxtext"):
+                runs = [x for x in results[s][phase][who] if x["rc"] == 0]
+                def pick(k, runs=runs):
+                    return [x[k] for x in runs if x[k] is not None]
 
-            ttfs = [x["first"]["ttfs"] for x in runs if x["first"]]
-            med[who] = dict(
-                tok=st.median(pick("tok_s_median")) if pick("tok_s_median") else None,
-                span=st.median(pick("tok_s_span")) if pick("tok_s_span") else None,
-                ttfs=st.median(ttfs) if ttfs else None,
-                cpu_first=(st.median(pick("cpu_at_first_step"))
-                           if pick("cpu_at_first_step") else None),
-                other=st.mean(x["other_cores"] for x in runs) if runs else None,
-            )
-            m = med[who]
-            print(f"{who:8s} ({len(runs)} ok of {len(results[s][who])}): tok/s median-of-medians "
-                  f"{fmt(m['tok'])}, span {fmt(m['span'])}; TTFS {fmt(m['ttfs'], '.1f')} s "
-                  f"({fmt(m['cpu_first'], '.1f')} cpu-s); other processes "
-                  f"{fmt(m['other'], '.2f')} cores avg; achieved "
-                  f"{fmt(m['tok'] and m['tok'] * fpt / 1e9, '.2f')} GFLOP/s = "
-                  f"{fmt(m['tok'] and m['tok'] * fpt / f32, '.3f')} of the f32 matmul")
-        so = st.median(x["tok_s"] for x in step_only[s])
-        print(f"pingllm step-only: {so:.0f} tok/s = {so * fpt / 1e9:.2f} GFLOP/s = "
-              f"{so * fpt / f32:.3f} of the f32 matmul ({so * fpt / bf16:.3f} of bf16)")
-        p, mx = med["pingllm"], med["maxtext"]
-        ratio = lambda a, b: fmt(a / b if a and b else None, ".2f")
-        print(f"ratio pingllm/MaxText: tok/s median {ratio(p['tok'], mx['tok'])}x (target >= "
-              f"1.25), span {ratio(p['span'], mx['span'])}x, step-only vs MaxText median "
-              f"{ratio(so, mx['tok'])}x; TTFS {ratio(p['ttfs'], mx['ttfs'])}x (target <= 0.5), "
-              f"TTFS cpu-s {ratio(p['cpu_first'], mx['cpu_first'])}x")
+                ttfs = [x["first"]["ttfs"] for x in runs if x["first"]]
+                med[phase, who] = m = dict(
+                    tok=st.median(pick("tok_s_median")) if pick("tok_s_median") else None,
+                    span=st.median(pick("tok_s_span")) if pick("tok_s_span") else None,
+                    ttfs=st.median(ttfs) if ttfs else None,
+                    cpu_first=(st.median(pick("cpu_at_first_step"))
+                               if pick("cpu_at_first_step") else None),
+                    other=st.mean(x["other_cores"] for x in runs) if runs else None,
+                )
+                line = (f"{phase:7s} {who:8s} ({len(runs)} ok of {len(results[s][phase][who])}): "
+                        f"TTFS {fmt(m['ttfs'], '.1f')} s ({fmt(m['cpu_first'], '.1f')} cpu-s); "
+                        f"other processes {fmt(m['other'], '.2f')} cores avg")
+                if phase == "fresh":
+                    line += (f"; tok/s median-of-medians {fmt(m['tok'])}, span {fmt(m['span'])}; "
+                             f"achieved {fmt(m['tok'] and m['tok'] * fpt / 1e9, '.2f')} GFLOP/s = "
+                             f"{fmt(m['tok'] and m['tok'] * fpt / f32, '.3f')} of the f32 matmul")
+                print(line)
+        p, mx = med["fresh", "pingllm"], med["fresh", "maxtext"]
+        pr, mr = med["resume", "pingllm"], med["resume", "maxtext"]
+        pr2, mr2 = med["resume2", "pingllm"], med["resume2", "maxtext"]
+        if step_only[s]:
+            so = st.median(x["tok_s"] for x in step_only[s])
+            print(f"pingllm step-only: {so:.0f} tok/s = {so * fpt / 1e9:.2f} GFLOP/s = "
+                  f"{so * fpt / f32:.3f} of the f32 matmul ({so * fpt / bf16:.3f} of bf16); "
+                  f"vs MaxText median {ratio(so, mx['tok'])}x")
+        print(f"ratio pingllm/MaxText: TTFS fresh {ratio(p['ttfs'], mx['ttfs'])}x (target <= 0.5), "
+              f"resumed {ratio(pr['ttfs'], mr['ttfs'])}x, resumed again "
+              f"{ratio(pr2['ttfs'], mr2['ttfs'])}x (target <= 0.25); TTFS cpu-s fresh "
+              f"{ratio(p['cpu_first'], mx['cpu_first'])}x, resumed "
+              f"{ratio(pr['cpu_first'], mr['cpu_first'])}x, again "
+              f"{ratio(pr2['cpu_first'], mr2['cpu_first'])}x; tok/s median "
+              f"{ratio(p['tok'], mx['tok'])}x (target >= 1.25), span "
+              f"{ratio(p['span'], mx['span'])}x")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(dict(results=results, step_only=step_only, matmul=matmul), f, indent=1,
                   default=str)

@@ -111,6 +111,13 @@ def enable(run_cfg: Any) -> str:
     return path
 
 
+def cache_dir_in_use() -> str:
+    """The directory JAX caches compilations in now ("" when the cache is off)."""
+    if not jax.config.jax_enable_compilation_cache:
+        return ""
+    return jax.config.jax_compilation_cache_dir or ""
+
+
 def remove_corrupt_entries(path: str) -> list[str]:
     """Deletes entries that do not decompress (garbage, a write cut short); returns their names.
 
