@@ -1,8 +1,10 @@
 """The device mesh, logical-axis rules as plain data, and the shardings derived from them."""
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -92,19 +94,46 @@ def resolve_ici_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return cfg.ici_shape
 
 
+_TARGET_DEVICES: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "pingllm_target_devices", default=None)
+
+
+@contextlib.contextmanager
+def target_devices(devices: Sequence) -> Iterator[None]:
+    """Meshes made inside use `devices` (e.g. a TPU topology's, for compiling ahead of time)."""
+    token = _TARGET_DEVICES.set(tuple(devices))
+    try:
+        yield
+    finally:
+        _TARGET_DEVICES.reset(token)
+
+
+def default_devices() -> list:
+    """The devices meshes are made of: `target_devices` inside that context, else jax.devices()."""
+    target = _TARGET_DEVICES.get()
+    return list(jax.devices() if target is None else target)
+
+
+def granules(devices: Sequence) -> tuple[str, set]:
+    """('slices', slice ids) for TPU devices (a lone slice may not name itself: 0), else
+    ('processes', process ids): GPU and CPU hosts are one granule per process."""
+    if devices[0].platform == "tpu" or getattr(devices[0], "slice_index", None) is not None:
+        return "slices", {getattr(d, "slice_index", 0) for d in devices}
+    return "processes", {d.process_index for d in devices}
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ('data', 'fsdp', 'tensor') mesh; axis size = ICI size x DCN size."""
-    devices = list(jax.devices() if devices is None else devices)
+    devices = default_devices() if devices is None else list(devices)
     ici = resolve_ici_shape(cfg, len(devices))
     if math.prod(cfg.dcn_shape) > 1:
         # TPU devices name their slice; elsewhere (GPU, CPU hosts) each process is one granule.
-        process_is_granule = not hasattr(devices[0], "slice_index")
-        granules = {d.process_index if process_is_granule else d.slice_index for d in devices}
-        if len(granules) != math.prod(cfg.dcn_shape):
+        kind, ids = granules(devices)
+        process_is_granule = kind == "processes"
+        if len(ids) != math.prod(cfg.dcn_shape):
             raise ValueError(
                 f"DCN mesh {dict(zip(MESH_AXES, cfg.dcn_shape))} needs "
-                f"{math.prod(cfg.dcn_shape)} {'processes' if process_is_granule else 'slices'}, "
-                f"but the devices span {len(granules)}"
+                f"{math.prod(cfg.dcn_shape)} {kind}, but the devices span {len(ids)}"
             )
         device_array = mesh_utils.create_hybrid_device_mesh(
             ici, cfg.dcn_shape, devices, process_is_granule=process_is_granule

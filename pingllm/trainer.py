@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pingllm import compilation_cache, partitioning, preemption
+from pingllm import compilation_cache, partitioning, preemption, rtt_eval
 from pingllm import config as config_lib
 from pingllm import metrics as metrics_lib
 from pingllm import model as model_lib
@@ -475,25 +475,16 @@ def _run_eval(cfg, setup, state, writer, step):
     )
     # The moving average when the run keeps one: what pingllm.predict and evaluate load.
     values = evaluate(setup, state.eval_params, batches)
-    values.update(_rtt_metrics(cfg, state.eval_params))
+    values.update(_rtt_metrics(cfg, setup, state.eval_params))
     writer.scalars(step, {f"eval/{k}": v for k, v in values.items()})
     logging.info("eval at step %d (%.1fs): %s", step, time.perf_counter() - t,
                  " ".join(f"{k}={v:.4g}" for k, v in values.items()))
 
 
-def _rtt_metrics(cfg, params) -> dict[str, float]:
-    """Held-out RTT errors of the model and the baselines (evaluate.eval_rtt_metrics).
-
-    Single-process runs only: the predictor feeds host arrays to a jitted forward pass, which a
-    multi-controller job cannot do with params spread over other hosts.
-    """
+def _rtt_metrics(cfg, setup, params) -> dict[str, float]:
+    """Held-out RTT errors of the model and the baselines (rtt_eval: every process takes part)."""
     if cfg.run.eval_rtt_queries <= 0:
         return {}
-    if jax.process_count() > 1:
-        logging.log_first_n(logging.INFO, "eval: RTT metrics skipped (multi-process run); "
-                            "use python -m pingllm.evaluate on a checkpoint", 1)
-        return {}
-    from pingllm import evaluate as evaluate_lib
-
-    with jax.transfer_guard("allow"):
-        return evaluate_lib.eval_rtt_metrics(cfg, params, max_queries=cfg.run.eval_rtt_queries)
+    return rtt_eval.rtt_metrics(cfg, params, setup.mesh, setup.rules,
+                                max_queries=cfg.run.eval_rtt_queries,
+                                barrier=wait_for_all_processes)

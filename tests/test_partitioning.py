@@ -1,4 +1,12 @@
-"""Mesh shapes from config, logical->mesh rules, batch sharding and global batch assembly."""
+"""Mesh shapes from config, logical->mesh rules, batch sharding and global batch assembly; meshes
+on TPU topology devices (libtpu's descriptions)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -7,6 +15,8 @@ from jax.sharding import PartitionSpec as P
 
 from pingllm import partitioning
 from pingllm.partitioning import DEFAULT_RULES, MeshConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -102,3 +112,34 @@ def test_make_global_batch():
         # 4-way over rows (data x fsdp), replicated over 'tensor'.
         assert {s.data.shape for s in array.addressable_shards} == {(2, 16)}
         assert len(array.addressable_shards) == 8
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[plan]')")
+def test_meshes_on_tpu_topology_devices():
+    """make_mesh on the devices libtpu describes for real slices (own process: no TPU runtime)."""
+    from pingllm import planner
+
+    env = planner.tpu_planning_env(planner.parse_topology("v5e:2x2"), os.environ)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "tpu_mesh_worker.py")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    # Two v5e 2x2 slices over DCN: 'data' is the DCN axis, one slice (and host) per data row.
+    dcn = out["dcn"]
+    assert dcn["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dcn["kinds"] == ["TPU v5 lite"] and dcn["platforms"] == ["tpu"]
+    assert out["topology_v5e_2x2_x2"]["slices"] == [0, 1]
+    assert dcn["slices_by_data_row"] == [[0], [1]]
+    assert dcn["ids"] == out["topology_v5e_2x2_x2"]["ids"]  # every device once
+    # v4-32: 16 chips (megacore) on 4 hosts, made inside partitioning.target_devices.
+    v4 = out["v4_32"]
+    assert v4["shape"] == {"data": 2, "fsdp": 8, "tensor": 1} and v4["kinds"] == ["TPU v4"]
+    assert v4["ids"] == list(range(16))
+    assert sorted({p for row in v4["processes_by_data_row"] for p in row}) == [0, 1, 2, 3]
+    v5e = out["v5e_16"]
+    assert v5e["shape"] == {"data": 1, "fsdp": 16, "tensor": 1} and v5e["num_devices"] == 16
+    assert v5e["processes_by_data_row"] == [[0, 1, 2, 3]]
+    # A DCN axis on a single slice is refused in terms of slices, not processes.
+    assert out["dcn_on_one_slice"] == ("DCN mesh {'data': 2, 'fsdp': 1, 'tensor': 1} needs 2 "
+                                       "slices, but the devices span 1")

@@ -4,11 +4,15 @@
   compiled program allocates on 8 CPU devices (process RSS high-water mark, see
   planner.measure_step), and its parameter/FLOP/bytes figures against model.py and shard shapes;
 - the latency_network model on 8 fake devices (compiled, never run);
-- checkpoint fit: a real checkpoint fits its own config, not a wider model nor an uneven mesh.
+- checkpoint fit: a real checkpoint fits its own config, not a wider model nor an uneven mesh;
+- the planner's abstract batch is the pipeline's real batch (keys, shapes, dtypes) for every
+  shipped gin file (and packed rows).
+TPU topologies: tests/test_tpu_compile.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -22,9 +26,10 @@ import pytest
 from pingllm import config as config_lib
 from pingllm import model as model_lib
 from pingllm import optimizer as optimizer_lib
-from pingllm import partitioning
+from pingllm import partitioning, planner
 from pingllm import train_state as state_lib
 from pingllm.checkpoint import manager as checkpointing
+from pingllm.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "plan_run.py"
@@ -68,7 +73,7 @@ def test_small_model_plan_matches_a_real_step():
     mem = plan["memory"]
     assert mem["params"] == per_device(abstract.params)
     assert mem["opt_state"] == per_device(abstract.opt_state)
-    assert mem["batch"] == 5 * (16 // 8) * 256 * 4
+    assert mem["batch"] == 6 * (16 // 8) * 256 * 4  # the six keys of pipeline.BATCH_DTYPES
     # XLA's argument bytes are the state + batch + key shards we computed.
     assert abs(mem["arguments"] - (mem["params"] + mem["opt_state"] + mem["batch"] + 4)) <= 64
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temp"]
@@ -130,7 +135,9 @@ def test_checkpoint_fit(tiny_checkpoint, tmp_path):
          "is not divisible by mesh axes tensor = 3"),
         (["--num_devices", 4, "--checkpoint", tmp_path / "missing"], TINY, "no such directory"),
         (["--num_devices", 4, "--checkpoint", tmp_path / "empty"], TINY, "not a checkpoint"),
-        (["--topology", "v5e-256"], TINY, "is not available here"),
+        (["--topology", "v7x-8"], TINY, "expected <generation>-<size>"),
+        (["--topology", "v4-12"], TINY, "is not a power-of-two slice"),
+        (["--topology", "cpu:4", "--num_slices", 2], TINY, "--num_slices needs a TPU"),
     ]
     procs = [subprocess.Popen([sys.executable, str(TOOL), "--gin_file=gin/quickstart.gin",
                                *(f"--gin_bindings={b}" for b in bindings), *map(str, args)],
@@ -139,3 +146,45 @@ def test_checkpoint_fit(tiny_checkpoint, tmp_path):
     for proc, (_, _, message) in zip(procs, cases):
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 2 and message in err, err[-3000:]
+
+
+SHIPPED_GIN = sorted((REPO / "gin").glob("*.gin"))
+
+
+@pytest.mark.parametrize("gin_file,packed", [(g, False) for g in SHIPPED_GIN]
+                         + [(SHIPPED_GIN[0], True)], ids=lambda x: getattr(x, "name", str(x)))
+def test_planned_batch_is_the_pipelines_batch(gin_file, packed):
+    """What the planner compiles for is what the trainer feeds: keys, global shapes, dtypes."""
+    assert {g.name for g in SHIPPED_GIN} >= {"latency_network.gin", "quickstart.gin"}
+    # The same batching, rows from the in-memory synthetic source (no dataset build).
+    bindings = ['DataConfig.source = "synthetic_memory"', "DataConfig.synthetic_rows = 2000"]
+    if packed:
+        bindings.append("DataConfig.windows_per_row = 2")
+    cfg = config_lib.load([str(gin_file)], bindings)
+    real = pipeline.global_batch(cfg.data, step=3)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    planned = planner.abstract_batch(cfg, jax.sharding.NamedSharding(mesh,
+                                                                      jax.sharding.PartitionSpec()))
+    assert sorted(planned) == sorted(real)
+    assert ("positions" in real) == packed
+    for key, value in real.items():
+        assert planned[key].shape == value.shape == (cfg.data.global_batch_size,
+                                                     cfg.model.max_target_length), key
+        assert planned[key].dtype == value.dtype, key
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu is not installed (pip install -e '.[plan]')")
+def test_two_tpu_slices_with_the_dcn_data_axis_and_the_checkpoint(tiny_checkpoint):
+    """Two v5e 2x2 slices: compiled by libtpu with 'data' over DCN; the checkpoint restores."""
+    proc = tool("--topology", "v5e:2x2", "--num_slices", 2, "--checkpoint", tiny_checkpoint,
+                "--json", bindings=TINY)
+    plan = json.loads(proc.stdout)
+    assert "MeshConfig.data_dcn = 2" in proc.stderr
+    assert plan["device_kind"] == "TPU v5 lite" and plan["num_devices"] == 8
+    assert plan["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert plan["tpu"]["num_slices"] == 2 and plan["tpu"]["num_hosts"] == 2
+    assert plan["tpu"]["topology_name"] == "v5e:2x2" and plan["fits"]
+    assert plan["checkpoint_problems"] == []
+    # The batch is split over both slices' data rows: 8 rows / (2 x 4) devices.
+    assert plan["memory"]["batch"] == 6 * 1 * 64 * 4

@@ -251,6 +251,24 @@ def make_batch(windows: Sequence[tokens.TokenizedWindow]) -> dict[str, np.ndarra
     )
 
 
+# The batch the pipeline yields (docs/CONTRACTS.md): key -> dtype; 'positions' only when rows
+# pack several windows (windows_per_row > 1). Every array is [rows, max_target_length].
+BATCH_DTYPES: dict[str, np.dtype] = {
+    "inputs": np.dtype(np.int32), "targets": np.dtype(np.int32),
+    "weights": np.dtype(np.float32), "segment_ids": np.dtype(np.int32),
+    "fields": np.dtype(np.int32), "novel_result": np.dtype(np.float32),
+}
+PACKED_BATCH_DTYPES: dict[str, np.dtype] = {**BATCH_DTYPES, "positions": np.dtype(np.int32)}
+
+
+def batch_spec(config: DataConfig, *, train: bool = True) -> dict[str, tuple[tuple[int, int],
+                                                                              np.dtype]]:
+    """Key -> (global shape, dtype) of the batches `train_iterator` (or eval) yields."""
+    dtypes = PACKED_BATCH_DTYPES if train and config.windows_per_row > 1 else BATCH_DTYPES
+    shape = (config.global_batch_size, config.max_target_length)
+    return {k: (shape, d) for k, d in dtypes.items()}
+
+
 def batch_from_tokens(tokens_BxL, fields_BxL, lengths_B) -> dict[str, np.ndarray]:
     """inputs/targets/weights/segment_ids/fields/novel_result from windows' tokens, field
     classes and lengths (one window per row)."""
@@ -289,9 +307,11 @@ def batch_from_segments(tokens_BxL, fields_BxL, segment_ids_BxL,
         # the window: the tokens a held-out pair's prediction depends on (no copy possible).
         "novel_result": novel,
     }
+    dtypes = BATCH_DTYPES
     if positions_BxL is not None:
-        batch["positions"] = np.asarray(positions_BxL, np.int32)
-    return batch
+        batch["positions"] = positions_BxL
+        dtypes = PACKED_BATCH_DTYPES
+    return {k: np.asarray(batch[k], dtypes[k]) for k in dtypes}
 
 
 def pack_windows(tokens_NxL, fields_NxL, lengths_N, per_row: int):
