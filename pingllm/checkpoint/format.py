@@ -190,9 +190,21 @@ def _json_problem(path: epath.Path, present: bool) -> str | None:
     return None
 
 
+def is_array_data(rel: str) -> bool:
+    """An OCDBT data file (the array bytes), as opposed to manifests and metadata."""
+    return "/d/" in f"/{rel}"
+
+
 def verify_step(path: epath.PathLike, *, check_hashes: bool = True,
-                files: dict[str, FileEntry] | None = None) -> list[str]:
-    """Problems found in one step directory (empty list: complete and, if recorded, intact)."""
+                files: dict[str, FileEntry] | None = None,
+                deferred: list | None = None) -> list[str]:
+    """Problems found in one step directory (empty list: complete and, if recorded, intact).
+
+    deferred: when a list, the crc32c of array data files that must be computed locally is not
+    checked here but appended as (path, recorded crc32c) for `check_deferred`, so that it can
+    run while Orbax reads the same bytes; everything else (structure, sizes, metadata and
+    manifest hashes, any crc the bucket listing reports) is still checked now.
+    """
     step_dir = as_path(path)
     parsed = parse_step_name(step_dir.name)
     if parsed and parsed[1]:
@@ -225,6 +237,10 @@ def verify_step(path: epath.PathLike, *, check_hashes: bool = True,
     if not check_hashes:
         return problems
     if sums.get("version", 1) >= 2:
+        if deferred is not None:
+            later = [r for r in present if is_array_data(r) and not files[r].crc32c]
+            deferred += [(step_dir / r, recorded[r]["crc32c"]) for r in later]
+            present = [r for r in present if r not in set(later)]
         got = _crcs(step_dir, files, present)
         problems += [f"{step_dir / r}: crc32c differs from the recorded one"
                      for r in present if got[r] != recorded[r]["crc32c"]]
@@ -232,6 +248,14 @@ def verify_step(path: epath.PathLike, *, check_hashes: bool = True,
         problems += [f"{step_dir / r}: sha256 differs from the recorded one"
                      for r in present if _sha256_of(step_dir / r) != recorded[r]["sha256"]]
     return problems
+
+
+def check_deferred(deferred: Sequence[tuple[epath.Path, str]]) -> list[str]:
+    """The crc32c checks `verify_step(..., deferred=...)` left for later (4 threads)."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda item: crc32c_of(item[0]), deferred))
+    return [f"{path}: crc32c differs from the recorded one"
+            for (path, want), crc in zip(deferred, got) if crc != want]
 
 
 def _created(step_dir: epath.Path, files: dict[str, FileEntry]) -> float | None:

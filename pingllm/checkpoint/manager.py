@@ -9,6 +9,7 @@ each process writes only its own shards into its own directory. See docs/checkpo
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -265,6 +266,7 @@ class _Tier:
         self._last_saved: int | None = None
         self._failed = False
         self._metrics: list[SaveMetrics] = []
+        self.deferred: dict[int, list] = {}
         handler_kwargs = {}
         extra = {}
         mp = ocp.options.MultiprocessingOptions()
@@ -384,15 +386,25 @@ class _Tier:
         out, self._metrics = self._metrics, []
         return out
 
-    def good_steps(self, *, layout: str | None, limit: int) -> tuple[list[int], list[tuple]]:
-        """Newest-first committed steps of this process's view that verify (at most `limit`)."""
+    def good_steps(self, *, layout: str | None, limit: int,
+                   exclude: frozenset = frozenset(),
+                   defer: bool = False) -> tuple[list[int], list[tuple]]:
+        """Newest-first committed steps of this process's view that verify (at most `limit`).
+
+        defer: the crc32c of array data files on local disk is left in `self.deferred[step]`,
+        checked by `Checkpointer.restore` while Orbax reads those bytes (one read, not two).
+        """
         good, bad = [], []
+        self.deferred = {}
         for step in fmt.committed_steps(self.directory):
             if len(good) >= limit:
                 break
+            if step in exclude:
+                continue
             path = self.directory / str(step)
-            problems = verify_step(path) if self.verify_checksums else verify_step(
-                path, check_hashes=False)
+            deferred: list | None = [] if defer else None
+            problems = verify_step(path, check_hashes=self.verify_checksums, deferred=deferred)
+            self.deferred[step] = deferred or []
             if not problems and layout is not None:
                 sums = read_checksums(path) or {}
                 if sums.get("layout") != layout:
@@ -512,17 +524,40 @@ class Checkpointer:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         skipped: list[tuple[str, str]] = []
+        rejected: set[tuple[str, int]] = set()  # (tier, step) that failed the deferred check
+        while True:
+            before = len(rejected)
+            found = self._restore_newest(abstract_state, iterator, t0, timings, skipped,
+                                         rejected)
+            if found is not None:
+                return found
+            if len(rejected) == before:  # no step left in either tier
+                break
+        if self.config.load_full_state_path:
+            return self._restore_full_state(abstract_state, iterator, t0, timings, skipped)
+        if self.config.load_parameters_path:
+            return self._restore_parameters(abstract_state, t0, timings, skipped)
+        timings["total_seconds"] = time.perf_counter() - t0
+        return RestoreResult(None, 0, False, None, timings, skipped=tuple(skipped))
+
+    def _restore_newest(self, abstract_state, iterator, t0, timings, skipped, rejected):
+        """Restores the newest good step of either tier; None when there is none (or when the
+        chosen one failed its deferred data check: it is then in `rejected`, retry)."""
         persistent_step = local_step = -1
         if self._persistent is not None:
-            good, bad = self._persistent.good_steps(layout=None, limit=1)
-            skipped += bad
+            good, bad = self._persistent.good_steps(
+                layout=None, limit=1, defer=True,
+                exclude=frozenset(s for t, s in rejected if t == "persistent"))
+            skipped += [b for b in bad if b not in skipped]
             # Process 0's view decides (its verification covers the whole shared step).
             persistent_step = int(_broadcast_int(good[0] if good else -1))
         if self._local is not None:
             layout = layout_fingerprint(abstract_state)
             self._layout = layout
-            good, bad = self._local.good_steps(layout=layout, limit=_MAX_LOCAL_STEPS_AGREED)
-            skipped += bad
+            good, bad = self._local.good_steps(
+                layout=layout, limit=_MAX_LOCAL_STEPS_AGREED, defer=True,
+                exclude=frozenset(s for t, s in rejected if t == "local"))
+            skipped += [b for b in bad if b not in skipped]
             everyone = _allgather_ints(good, _MAX_LOCAL_STEPS_AGREED)
             common = set(everyone[0].tolist())
             for row in everyone[1:]:
@@ -542,7 +577,28 @@ class Checkpointer:
             items_dir = tier.directory / str(step) / STATE_ITEM
             check_compatible(stored_tree_metadata(items_dir), abstract_state,
                              where=str(items_dir))
-            state, iter_text = tier.restore(step, abstract_state)
+            deferred = tier.deferred.get(step, [])
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                # The data files' crc32c is computed while Orbax reads the same files; the state
+                # is handed out only if every byte matched.
+                check = pool.submit(fmt.check_deferred, deferred) if deferred else None
+                try:
+                    state, iter_text, error = *tier.restore(step, abstract_state), None
+                except Exception as e:  # a corrupt file can make Orbax fail: verdict first
+                    state, iter_text, error = None, None, e
+                problems = check.result() if check is not None else []
+            if _any_process(bool(problems)):
+                path = tier.directory / str(step)
+                first = problems[0] if problems else f"{path}: failed verification elsewhere"
+                log.error("checkpoint %s failed verification, skipping it (kept on disk): %s",
+                          path, first)
+                tier.pinned.add(step)
+                skipped.append((str(path), first))
+                rejected.add((tier.name, step))
+                del state
+                return None
+            if error is not None:
+                raise error
             iter_restored = self._apply_iter(iterator, iter_text)
             timings["restore_seconds"] = time.perf_counter() - t1
             timings["total_seconds"] = time.perf_counter() - t0
@@ -550,12 +606,7 @@ class Checkpointer:
                      tier.directory / str(step), timings["restore_seconds"])
             return RestoreResult(state, step, iter_restored, source, timings,
                                  skipped=tuple(skipped))
-        if self.config.load_full_state_path:
-            return self._restore_full_state(abstract_state, iterator, t0, timings, skipped)
-        if self.config.load_parameters_path:
-            return self._restore_parameters(abstract_state, t0, timings, skipped)
-        timings["total_seconds"] = time.perf_counter() - t0
-        return RestoreResult(None, 0, False, None, timings, skipped=tuple(skipped))
+        return None
 
     def _apply_iter(self, iterator: Any | None, text: str | None) -> bool:
         if iterator is None or text is None:
