@@ -2,6 +2,7 @@
 planar-plus-height latency space and is deterministic for a seed."""
 
 import numpy as np
+import pytest
 
 from pingllm import baselines
 from pingllm.data import records
@@ -88,3 +89,109 @@ def test_measurements_of_records_and_fit_all():
     for name in baselines.BASELINE_NAMES:
         rtt, p_fail = fitted.predict(name, m.src_addr, m.dst_addr, m.ip_version)
         assert rtt.shape == (3,) and np.all(rtt > 0) and np.allclose(p_fail, 1 / 3)
+
+
+def _low_rank_world(n_src=40, n_dst=50, rank=2, seed=3):
+    """ln RTT = mu + a_src + b_dst + U V^T (planted), sources 0.., destinations 1000.."""
+    rng = np.random.default_rng(seed)
+    u, v = rng.normal(0, 0.5, (n_src, rank)), rng.normal(0, 0.5, (n_dst, rank))
+    a, b = rng.normal(0, 0.5, n_src), rng.normal(0, 0.5, n_dst)
+    log_rtt = 3.5 + a[:, None] + b[None, :] + u @ v.T
+    i, j = np.meshgrid(np.arange(n_src), np.arange(n_dst), indexing="ij")
+    return i.ravel(), j.ravel() + 1000, np.exp(log_rtt.ravel())
+
+
+def test_matrix_factorisation_recovers_a_planted_low_rank_matrix():
+    i, j, rtt = _low_rank_world()
+    held = np.random.default_rng(0).random(len(rtt)) < 0.3
+    # Two pings per training pair, +-5% around the planted value: the pair's median is exact.
+    m = _m(np.repeat(i[~held], 2), np.repeat(j[~held], 2),
+           np.repeat(rtt[~held], 2) * np.tile([0.95, 1.05], (~held).sum()))
+    fit = baselines.fit_matrix_factorisation(m)
+    assert fit.rank >= 2  # cross-validation finds the planted rank (or more)
+    pred, _ = fit.predict(np.stack([_addr(a) for a in i[held]]),
+                          np.stack([_addr(b) for b in j[held]]), 4)
+    rel = np.abs(pred - rtt[held]) / rtt[held]
+    assert np.median(rel) < 0.03, np.median(rel)
+    # The per-destination median cannot: the source terms are real.
+    pd, _ = baselines.fit_per_destination_median(m).predict(
+        np.stack([_addr(a) for a in i[held]]), np.stack([_addr(b) for b in j[held]]), 4)
+    assert np.median(np.abs(pd - rtt[held]) / rtt[held]) > 0.2
+    # Unknown source: mu + destination bias only, finite; both unknown: exp(mu).
+    rtt_u, _ = fit.predict(np.stack([_addr(999), _addr(998)]),
+                           np.stack([_addr(1000), _addr(997)]), [4, 4])
+    assert np.isfinite(rtt_u).all() and rtt_u[1] == pytest.approx(np.exp(fit.mu))
+
+
+def test_dmfsgd_recovers_a_planted_symmetric_matrix():
+    rng = np.random.default_rng(5)
+    n, rank = 60, 3
+    a = rng.uniform(0.3, 1.0, (n, rank))
+    x = a @ a.T  # ln RTT of every pair, symmetric, ~0.8-3
+    pairs = np.array([(p, q) for p in range(n) for q in range(p + 1, n)])
+    held = rng.random(len(pairs)) < 0.2
+    tr = pairs[~held]
+    m = _m(tr[:, 0], tr[:, 1], np.exp(x[tr[:, 0], tr[:, 1]]))
+    fit = baselines.fit_dmfsgd(m, baselines.DMFSGDConfig(rank=rank + 2))
+    te = pairs[held]
+    pred, _ = fit.predict(np.stack([_addr(p) for p in te[:, 0]]),
+                          np.stack([_addr(q) for q in te[:, 1]]), 4)
+    truth = np.exp(x[te[:, 0], te[:, 1]])
+    rel = np.abs(pred - truth) / truth
+    assert np.median(rel) < 0.10, np.median(rel)
+    # Each node keeps at most k neighbours; a node never measured falls back to the median.
+    rtt_u, _ = fit.predict(np.stack([_addr(500)]), np.stack([_addr(0)]), [4])
+    assert rtt_u[0] == fit.fallback.rtt_ms
+
+
+def _v4(a, b, c, d) -> np.ndarray:
+    x = np.zeros(16, np.uint8)
+    x[:4] = [a, b, c, d]
+    return x
+
+
+def test_nearest_neighbour_uses_the_nearest_known_prefix_then_falls_back():
+    s1, s2 = _v4(192, 0, 2, 1), _v4(192, 0, 2, 2)
+    dst = [_v4(10, 1, 1, 5), _v4(10, 1, 1, 6), _v4(10, 1, 9, 9), _v4(10, 7, 7, 7),
+           _v4(10, 1, 1, 5)]
+    src = [s1, s1, s1, s1, s2]
+    rtt = [20.0, 22.0, 80.0, 300.0, 500.0]
+    m = records.Measurements(src_addr=np.stack(src), dst_addr=np.stack(dst),
+                             ip_version=np.full(5, 4, np.int8),
+                             event_time=np.arange(5, dtype=np.int64),
+                             rtt_ms=np.asarray(rtt, np.float32))
+    fit = baselines.fit_nearest_neighbour(m)
+    queries = [(s1, _v4(10, 1, 1, 5)),  # the pair itself (/32)
+               (s1, _v4(10, 1, 1, 77)),  # same /24: median(20, 22)
+               (s1, _v4(10, 1, 200, 1)),  # same /16: median(20, 22, 80)
+               (s1, _v4(10, 9, 9, 9)),  # same /8: all four of s1
+               (_v4(8, 8, 8, 8), _v4(10, 1, 1, 5)),  # unknown source: per-destination
+               (_v4(8, 8, 8, 8), _v4(11, 0, 0, 1))]  # nothing: global median
+    got, level = fit.predict_with_level(np.stack([q[0] for q in queries]),
+                                        np.stack([q[1] for q in queries]), 4)
+    assert got.tolist() == [20.0, 21.0, 22.0, 51.0, 260.0, 80.0]
+    assert level.tolist() == [0, 1, 2, 3, 4, 5]
+    # IPv6 prefixes: /48 groups, the same bytes as IPv4 are another family.
+    rtt6, lvl6 = fit.predict_with_level(np.stack([s1]), np.stack([_v4(10, 1, 1, 5)]), [6])
+    assert lvl6.tolist() == [5] and rtt6[0] == 80.0
+
+
+def test_out_of_fold_residuals_are_errors_on_unseen_pairs():
+    i, j, rtt = _low_rank_world(seed=4)
+    m = _m(i, j, rtt)
+    fitted = baselines.fit_all(m, names=("matrix_factorisation",))
+    res = baselines.out_of_fold_log_residuals_all(
+        m, fitted, ("global_median", "matrix_factorisation"), max_samples=300)
+    res_gm, res_mf = res["global_median"], res["matrix_factorisation"]
+    assert len(res_mf) == 300 and np.all(np.diff(res_mf) >= 0)
+    # The left-out fifth of the pairs shares no unordered pair with the refit's rows.
+    train, test = baselines.held_out_pair_split(m)
+    assert len(test) == pytest.approx(0.2 * len(rtt), rel=0.25)
+
+    def pairs(rows):
+        a = m.src_addr[rows, 3].astype(int) + 256 * m.src_addr[rows, 2].astype(int)
+        b = m.dst_addr[rows, 3].astype(int) + 256 * m.dst_addr[rows, 2].astype(int)
+        return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    assert not pairs(train) & pairs(test)
+    # MF generalises to unseen pairs, the global median does not.
+    assert np.median(np.abs(res_mf)) < 0.2 * np.median(np.abs(res_gm))
