@@ -121,3 +121,35 @@ def test_remove_corrupt_entries_keeps_readable_ones(tmp_path):
     assert sorted(compilation_cache.remove_corrupt_entries(str(tmp_path))) == [
         "cut-cache", "junk-cache"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good-cache", "other-atime"]
+
+
+_COMPILE_ONCE = r"""
+import sys
+import jax, jax.numpy as jnp
+from pingllm import compilation_cache, config
+run = config.RunConfig(base_output_directory=sys.argv[1], run_name="x")
+print("DIR", compilation_cache.enable(run))
+jax.jit(lambda x: x * 2 + 1)(jnp.arange(8.0)).block_until_ready()
+print("COUNTS", compilation_cache.stats().snapshot())
+"""
+
+
+def test_cache_in_a_bucket(gcs_emulator):
+    """gs:// output directories keep the cache in the bucket (JAX reads it through etils.epath)."""
+    import ast
+
+    bucket = gcs_emulator.create_bucket("compilation-cache")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    env.update(gcs_emulator.env(), JAX_PLATFORMS="cpu")
+    counts = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_ONCE, f"{bucket}/out"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"DIR {bucket}/out/.jax_cache" in proc.stdout
+        counts.append(ast.literal_eval(proc.stdout.split("COUNTS ", 1)[1].strip()))
+    assert counts[0]["written"] >= 1 and counts[0]["hits"] == 0
+    assert counts[1]["compiled"] == 0 and counts[1]["hits"] == counts[0]["requests"]
+    entries = gcs_emulator.objects("compilation-cache", "out/.jax_cache/")
+    assert len([n for n in entries if n.endswith("-cache")]) == counts[0]["written"]
