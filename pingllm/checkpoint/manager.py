@@ -305,6 +305,9 @@ class _Tier:
         registry.add(ITER_ITEM, IteratorRestore, IteratorHandler())
         if name == "local" or jax.process_index() == 0:
             _remove_stale_tmp_directories(self.directory)
+        # The first listing pays fsspec's lazy imports and the bucket session (~0.2 s): here,
+        # not inside the first save's blocking time.
+        fmt.step_exists(self.directory, 0)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              handler_registry=registry)
 
