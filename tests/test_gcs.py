@@ -288,6 +288,19 @@ def test_in_process_save_retention_incomplete_and_corrupt_on_the_bucket(gcs_emul
     # The corrupt step is pinned, the unfinished one kept; retention removed step 2 only.
     assert [(i.step, i.status) for i in fmt.list_steps(root)] == [
         (3, "corrupt"), (5, "incomplete"), (6, "complete"), (7, "complete")]
+    # LOAD_FULL_STATE_PATH / LOAD_PARAMETERS_PATH on the bucket start a new (local) run.
+    for field, source in (("load_full_state_path", "load_full_state"),
+                          ("load_parameters_path", "load_parameters")):
+        fresh = ck.Checkpointer(ck.CheckpointConfig(**{field: f"{run}/checkpoints/7"}),
+                                f"{bucket}/fresh_{source}")
+        result = fresh.restore(abstract_state(mesh), StepIterator(-1))
+        fresh.close()
+        assert result.source == source
+        if source == "load_full_state":
+            assert result.step == 7 and mismatches(result.state, 7) == []
+        else:
+            assert result.state is None
+            assert mismatches({"params": result.params}, 7) == []
 
 
 def test_missing_bucket_is_a_clear_error_within_seconds(gcs_emulator, tmp_path):
