@@ -389,25 +389,26 @@ _NOTE_BITS = {name: 1 << i for i, name in enumerate(NOTES)}
 class _Ping(msgspec.Struct):
     """The fields of a result a row needs; msgspec skips every other field."""
 
-    type: Any = _UNSET
-    fw: Any = _UNSET
-    timestamp: Any = _UNSET
-    msm_id: Any = _UNSET
-    prb_id: Any = _UNSET
+    # None = absent or null (the dict path's `get`); UNSET where the key's presence matters.
+    type: Any = None
+    fw: Any = None
+    timestamp: Any = None
+    msm_id: Any = None
+    prb_id: Any = None
     dst_addr: Any = _UNSET
-    addr: Any = _UNSET
+    addr: Any = None
     src_addr: Any = _UNSET
-    srcaddr: Any = _UNSET
-    from_: Any = msgspec.field(default=_UNSET, name="from")
+    srcaddr: Any = None
+    from_: Any = msgspec.field(default=None, name="from")
     af: Any = _UNSET
-    pf: Any = _UNSET
-    sent: Any = _UNSET
-    rcvd: Any = _UNSET
-    min: Any = _UNSET
-    dup: Any = _UNSET
-    lts: Any = _UNSET
-    mver: Any = _UNSET
-    stored_timestamp: Any = _UNSET
+    pf: Any = None
+    sent: Any = None
+    rcvd: Any = None
+    min: Any = None
+    dup: Any = None
+    lts: Any = None
+    mver: Any = None
+    stored_timestamp: Any = None
     result: msgspec.Raw = _UNSET
 
 
@@ -437,19 +438,37 @@ def _row_of_values(timestamp, msm_id, type_, fw, prb_id, dst, from_, src, af, se
     if type_ != "ping":
         raise DroppedRecord("not_a_ping")
     strings_ok = _firmware(fw) == 0
+    # `type(x) is int` (never bool) and cached plain-text addresses are the common case, inline.
+    if type(timestamp) is int and MIN_TIMESTAMP_S <= timestamp < MAX_TIMESTAMP_S:
+        event_time_us = timestamp * 1_000_000
+    else:
+        event_time_us = _event_time_us(
+            _int(timestamp, strings_ok=strings_ok, reason="bad_timestamp"))
+    if not (type(msm_id) is int and 0 < msm_id <= _INT64_MAX):
+        msm_id = _id(msm_id, strings_ok=strings_ok)
+    if prb_id is None:
+        prb_id = UNKNOWN_ID
+    elif not (type(prb_id) is int and 0 < prb_id <= _INT64_MAX):
+        prb_id = _id(prb_id, strings_ok=strings_ok)
 
-    event_time_us = _event_time_us(_int(timestamp, strings_ok=strings_ok, reason="bad_timestamp"))
-    msm_id = _id(msm_id, strings_ok=strings_ok)
-    prb_id = UNKNOWN_ID if prb_id is None else _id(prb_id, strings_ok=strings_ok)
-
-    dst = _parse_address_field(dst)
-    if dst is None:
-        raise DroppedRecord("no_destination_address")
+    if type(dst) is str and dst:
+        dst = _address(dst)
+        if dst is None:
+            raise DroppedRecord("bad_address")
+    else:
+        dst = _parse_address_field(dst)
+        if dst is None:
+            raise DroppedRecord("no_destination_address")
     if not dst[2]:
         raise DroppedRecord("private_destination")
-    src_text, src_version = _pick_source((from_, src))
+    public_from = _address(from_) if type(from_) is str and from_ else None
+    if public_from is not None and public_from[2]:
+        src_text, src_version = public_from[0], public_from[1]
+    else:
+        src_text, src_version = _pick_source((from_, src))
 
-    ip_version = dst[1] if af is None else _int(af, strings_ok=strings_ok)
+    ip_version = dst[1] if af is None else af if type(af) is int else _int(
+        af, strings_ok=strings_ok)
     if ip_version not in (4, 6):
         raise DroppedRecord("bad_field")
     if not ip_version == dst[1] == src_version:
@@ -459,14 +478,16 @@ def _row_of_values(timestamp, msm_id, type_, fw, prb_id, dst, from_, src, af, se
 
     if sent is None or rcvd is None:
         raise DroppedRecord("missing_counts")
-    sent = _int(sent, strings_ok=strings_ok)
-    rcvd = _int(rcvd, strings_ok=strings_ok)
+    if type(sent) is not int:
+        sent = _int(sent, strings_ok=strings_ok)
+    if type(rcvd) is not int:
+        rcvd = _int(rcvd, strings_ok=strings_ok)
     if not 0 <= rcvd <= sent:  # rcvd excludes duplicates, so it never exceeds sent
         raise DroppedRecord("bad_field")
     if sent == 0:
         raise DroppedRecord("nothing_sent")
 
-    if reported_min is not None:
+    if reported_min is not None and type(reported_min) is not float:
         reported_min = _float(reported_min, strings_ok=strings_ok)
     if rcvd == 0:
         # Duplicates may still carry RTTs here; `min` excludes them and must say -1.
@@ -511,14 +532,6 @@ def _row_of_dict(record) -> tuple[_Row, int]:
     return row, _dict_notes(record)
 
 
-def _value(v):
-    return None if v is _UNSET else v
-
-
-def _either(new, old):
-    return _value(old) if new is _UNSET else new
-
-
 def _struct_result(raw):
     return None if raw is _UNSET else msgspec.json.decode(raw)
 
@@ -526,18 +539,18 @@ def _struct_result(raw):
 def _row_of_struct(s: _Ping) -> tuple[_Row, int]:
     """The same as _row_of_dict, from the msgspec struct of the line."""
     row = _row_of_values(
-        _value(s.timestamp), _value(s.msm_id), _value(s.type), _value(s.fw), _value(s.prb_id),
-        _either(s.dst_addr, s.addr), _value(s.from_), _either(s.src_addr, s.srcaddr),
-        _either(s.af, s.pf), _value(s.sent), _value(s.rcvd), _value(s.min),
-        lambda: _struct_result(s.result))
+        s.timestamp, s.msm_id, s.type, s.fw, s.prb_id,
+        s.addr if s.dst_addr is _UNSET else s.dst_addr, s.from_,
+        s.srcaddr if s.src_addr is _UNSET else s.src_addr, s.pf if s.af is _UNSET else s.af,
+        s.sent, s.rcvd, s.min, lambda: _struct_result(s.result))
     bits = 0
     if s.lts == -1:
         bits |= _NOTE_BITS["clock_unsynced"]
-    if s.mver is _UNSET or s.mver is None:
+    if s.mver is None:
         bits |= _NOTE_BITS["no_mver"]
-    if s.stored_timestamp is _UNSET or s.stored_timestamp is None:
+    if s.stored_timestamp is None:
         bits |= _NOTE_BITS["no_stored_timestamp"]
-    if s.dup not in (_UNSET, None, 0, "0", False):
+    if s.dup not in (None, 0, "0", False):
         bits |= _NOTE_BITS["duplicate_replies"]
     raw = s.result
     if raw is not _UNSET and b'"error"' in bytes(raw) and _has_error_entry(_struct_result(raw)):
@@ -558,24 +571,21 @@ def row_from_record(record) -> _Row:
 
 
 class _Columns:
-    """Rows column by column, handed out as ROW_SCHEMA tables."""
+    """Rows, handed out column by column as ROW_SCHEMA tables."""
 
     def __init__(self):
-        self.columns = [[] for _ in ROW_SCHEMA]
+        self.rows: list[_Row] = []
+        self.append = self.rows.append
 
     def __len__(self) -> int:
-        return len(self.columns[0])
-
-    def append(self, row: _Row) -> None:
-        for column, value in zip(self.columns, row):
-            column.append(value)
+        return len(self.rows)
 
     def take(self, n: int | None = None) -> pa.Table:
         """The first n rows (all by default) as a table; the rest stay."""
         n = len(self) if n is None else n
-        arrays = [pa.array(c[:n], type=f.type) for c, f in zip(self.columns, ROW_SCHEMA)]
-        for column in self.columns:
-            del column[:n]
+        columns = list(zip(*self.rows[:n])) or [()] * len(ROW_SCHEMA)
+        del self.rows[:n]
+        arrays = [pa.array(c, type=f.type) for c, f in zip(columns, ROW_SCHEMA)]
         return pa.Table.from_arrays(arrays, schema=ROW_SCHEMA)
 
 
