@@ -209,6 +209,29 @@ def test_reshard_from_bucket_to_bucket(killed_run):
                                   "resharded on gs://")
 
 
+@pytest.mark.slow
+def test_two_tiers_local_disk_fast_tier_and_bucket_durable_tier(gcs_emulator, bucket, tmp_path):
+    import shutil
+
+    from test_checkpointing import run_job
+
+    from pingllm.checkpoint import format as fmt
+
+    run, local = f"{bucket}/two_tier", tmp_path / "local"
+    tiers = ["--run_dir", run, "--period", 4, "--local_dir", local, "--local_period", 1]
+    run_job("save", 2, 2, tmp_path / "o1", *tiers, "--steps", *range(1, 7), timeout=600)
+    assert [i.step for i in fmt.list_steps(f"{run}/checkpoints")] == [4]
+    for p in (0, 1):
+        assert [i.step for i in fmt.list_steps(local / f"process_{p}")] == [5, 6]
+    results = run_job("restore", 2, 2, tmp_path / "o2", *tiers, timeout=600)
+    assert [(r["step"], r["source"], r["iter_step"], r["mismatches"]) for r in results] == [
+        (6, "local", 6, [])] * 2
+    shutil.rmtree(local / "process_1")  # one host lost its disk: the bucket's step is used
+    results = run_job("restore", 2, 2, tmp_path / "o3", *tiers, timeout=600)
+    assert [(r["step"], r["source"], r["iter_step"], r["mismatches"]) for r in results] == [
+        (4, "persistent", 4, [])] * 2
+
+
 def _to_bucket(local_run: str, name: str) -> str:
     import fsspec
 
