@@ -111,7 +111,8 @@ def test_manual_config_imports_ripe_atlas_files(tmp_path, fixtures_dir):
 
 def test_manual_config_with_a_time_split(tmp_path):
     """A mixed RIPE dump over four hours, split after two: 'later' holds every row from then
-    on, train/test the earlier rows by pair; the records equal records.py's on the rows."""
+    on, train/test the earlier rows by pair; the records (built bucket by bucket of sources)
+    equal records.py's on all the rows at once."""
     from pingllm.data import ripe_atlas, ripe_writer
 
     rows = synthetic.SyntheticInternet(seed=2).generate(6000, duration_s=4 * 3600)
@@ -130,6 +131,8 @@ def test_manual_config_with_a_time_split(tmp_path):
     assert all((r["event_time"] < cut).all() for s in ("train", "test") for r in got[s])
     assert all(len(got[s]) > 0 for s in got)
     imported, _ = ripe_atlas.import_files([manual / "ping-2025-03-03.jsonl"])
+    # Built bucket by bucket (by source): the records of all rows at once.
+    assert len(np.unique(tfds_builder.source_buckets(imported["src_addr"]))) > 8
     expect = records.rows_to_split_records(imported, LENGTH, later_from_s=cut)
     for split, recs in expect.items():
         want, have = _by_key(list(recs)), _by_key(got[split])

@@ -2,7 +2,8 @@
 
 Configs: `synthetic` (default, generated locally from `SyntheticInternet`; no download),
 `synthetic_small` (quickstart size) and `manual` (RIPE Atlas JSON lines / Parquet files from
-`manual_dir`, via the importer). `make_config` builds a config for any row count, seed,
+`manual_dir`, via the importer, streamed into MANUAL_BUCKETS Parquet files by source address and
+turned into records one bucket at a time). `make_config` builds a config for any row count, seed,
 window length, test fraction and time split (`later_from`: rows from that time on form a third
 split, `later`); its name encodes every value that differs from the preset, so different data
 never shares a directory.
@@ -13,10 +14,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import shutil
+import tempfile
+import weakref
+import zlib
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
@@ -35,6 +42,16 @@ DEFAULT_SYNTHETIC_DURATION_S = 86_400
 _BYTES = tfds.features.Encoding.BYTES
 _log = logging.getLogger(__name__)
 MANUAL_SUFFIXES = (".jsonl", ".json", ".gz", ".bz2", ".parquet")
+# The manual build holds one bucket's rows (about 1/MANUAL_BUCKETS of them) in memory at a time.
+MANUAL_BUCKETS = 32
+
+
+def source_buckets(src_addr: pa.ChunkedArray) -> np.ndarray:
+    """int[N]: the bucket of each row, a stable hash (CRC-32) of its source address text."""
+    encoded = pc.dictionary_encode(src_addr).combine_chunks()
+    of_text = np.array([zlib.crc32(t.encode()) % MANUAL_BUCKETS
+                        for t in encoded.dictionary.to_pylist()], np.int64)
+    return of_text[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 @dataclasses.dataclass(eq=False)
@@ -170,29 +187,61 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             homepage="https://atlas.ripe.net/",
         )
 
-    def _rows(self, dl_manager):
-        config = self.builder_config
-        if config.source == "synthetic":
-            from pingllm.data import synthetic
-
-            return synthetic.SyntheticInternet(seed=config.synthetic_seed).generate(
-                config.synthetic_rows, duration_s=config.synthetic_duration_s
-            )
-        from pingllm.data import ripe_atlas
-
-        paths = manual_files(dl_manager.manual_dir)
-        table, summary = ripe_atlas.import_files(paths)
-        _log.info("imported %d rows from %d files:\n%s", table.num_rows, len(paths),
-                     summary.format())
-        return table
-
     def _split_generators(self, dl_manager) -> dict[str, Any]:
         config = self.builder_config
+        later_s = later_from_seconds(config.later_from)
+        if config.source == "manual":
+            buckets = self._manual_buckets(dl_manager.manual_dir)
+            names = ("train", "test") + (() if later_s is None else ("later",))
+            return {name: self._generate_examples(name, self._bucket_records(buckets, name))
+                    for name in names}
+        from pingllm.data import synthetic
+
+        table = synthetic.SyntheticInternet(seed=config.synthetic_seed).generate(
+            config.synthetic_rows, duration_s=config.synthetic_duration_s)
         split = records.rows_to_split_records(
-            self._rows(dl_manager), config.max_target_length, config.test_fraction,
-            later_from_s=later_from_seconds(config.later_from),
-        )
+            table, config.max_target_length, config.test_fraction, later_from_s=later_s)
         return {name: self._generate_examples(name, recs) for name, recs in split.items()}
+
+    def _manual_buckets(self, manual_dir) -> list[Path]:
+        """Import the files once, streamed, into MANUAL_BUCKETS Parquet files by source address.
+
+        A source's rows all land in one bucket, so records built bucket by bucket are the
+        records of all rows at once (chunking is per source, the split per row), while only one
+        bucket is held in memory.
+        """
+        import pyarrow.parquet as pq
+
+        from pingllm.data import ripe_atlas
+
+        paths = manual_files(manual_dir)
+        tmp = Path(tempfile.mkdtemp(prefix="ripe_atlas_ping_buckets_"))
+        weakref.finalize(self, shutil.rmtree, tmp, ignore_errors=True)
+        files = [tmp / f"bucket-{b:03d}.parquet" for b in range(MANUAL_BUCKETS)]
+        writers = [pq.ParquetWriter(f, ripe_atlas.ROW_SCHEMA) for f in files]
+        summary = ripe_atlas.ImportSummary()
+        try:
+            for table in ripe_atlas.iter_file_tables(paths, summary):
+                bucket = source_buckets(table["src_addr"])
+                for b in np.unique(bucket):
+                    writers[b].write_table(table.filter(pa.array(bucket == b)))
+        finally:
+            for w in writers:
+                w.close()
+        _log.info("imported %d rows from %d files into %d buckets:\n%s", summary.kept,
+                  len(paths), MANUAL_BUCKETS, summary.format())
+        return files
+
+    def _bucket_records(self, buckets: list[Path], split: str):
+        import pyarrow.parquet as pq
+
+        config = self.builder_config
+        for path in buckets:
+            table = pq.read_table(path)
+            if table.num_rows:
+                yield from records.rows_to_split_records(
+                    table, config.max_target_length, config.test_fraction,
+                    later_from_s=later_from_seconds(config.later_from))[split]
 
     def _generate_examples(self, name, recs):
         # Keys only need to be unique: tfds shuffles records by key hash when writing.
