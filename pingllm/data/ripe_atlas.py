@@ -437,7 +437,7 @@ def _row_of_values(timestamp, msm_id, type_, fw, prb_id, dst, from_, src, af, se
         raise DroppedRecord("missing_msm_id")
     if type_ != "ping":
         raise DroppedRecord("not_a_ping")
-    strings_ok = _firmware(fw) == 0
+    strings_ok = not (type(fw) is int and 4000 <= fw <= 5999) and _firmware(fw) == 0
     # `type(x) is int` (never bool) and cached plain-text addresses are the common case, inline.
     if type(timestamp) is int and MIN_TIMESTAMP_S <= timestamp < MAX_TIMESTAMP_S:
         event_time_us = timestamp * 1_000_000
@@ -495,7 +495,7 @@ def _row_of_values(timestamp, msm_id, type_, fw, prb_id, dst, from_, src, af, se
             raise DroppedRecord("bad_rtt")
         rtt = FAILED_RTT
     elif reported_min is not None:
-        rtt = _check_rtt(reported_min)
+        rtt = reported_min if 0.0 <= reported_min <= MAX_RTT_MS else _check_rtt(reported_min)
     else:
         rtt = _min_over_replies(result(), strings_ok=strings_ok)
         if rtt is None:
@@ -631,6 +631,7 @@ class _LineImporter:
 
     def feed(self, lines: Iterable[str | bytes]) -> None:
         decode, drop, keep = _DECODE_PING, self.summary.drop, self._keep
+        append = self.columns.append
         slow = self._slow
         for line in lines:
             if not line.isascii():  # msgspec does not check UTF-8 in the fields it skips
@@ -649,7 +650,11 @@ class _LineImporter:
             except Exception:  # noqa: BLE001 - a bad line must never stop an import
                 drop("unexpected_error")
                 continue
-            keep(row, bits)
+            if bits or self.row_filter is not None:
+                keep(row, bits)
+            else:  # the common case, inline
+                self.summary.kept += 1
+                append(row)
 
 
 def _records_of_line(line: str | bytes) -> list:
