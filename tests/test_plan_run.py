@@ -135,6 +135,7 @@ def test_checkpoint_fit(tiny_checkpoint, tmp_path):
          "is not divisible by mesh axes tensor = 3"),
         (["--num_devices", 4, "--checkpoint", tmp_path / "missing"], TINY, "no such directory"),
         (["--num_devices", 4, "--checkpoint", tmp_path / "empty"], TINY, "not a checkpoint"),
+        (["--num_devices", 16], TINY, "set GLOBAL_BATCH_SIZE to a multiple of 16"),
         (["--topology", "v7x-8"], TINY, "expected <generation>-<size>"),
         (["--topology", "v4-12"], TINY, "is not a power-of-two slice"),
         (["--topology", "cpu:4", "--num_slices", 2], TINY, "--num_slices needs a TPU"),
