@@ -13,7 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 _COLORS = {"model": "tab:blue", "vivaldi": "tab:orange", "per_destination_median": "tab:green",
-           "global_median": "tab:gray", "floor": "tab:red", "model_window_context": "tab:purple"}
+           "global_median": "tab:gray", "floor": "tab:red", "model_window_context": "tab:purple",
+           "matrix_factorisation": "tab:brown", "dmfsgd": "tab:pink",
+           "nearest_neighbour": "tab:olive"}
 
 
 def pred_vs_true_figure(true_ms: np.ndarray, preds: dict[str, np.ndarray], *, title: str = ""):
@@ -41,7 +43,7 @@ def pred_vs_true_figure(true_ms: np.ndarray, preds: dict[str, np.ndarray], *, ti
 
 
 def calibration_figure(tables: dict[str, list[dict[str, float]]]):
-    """Observed failure rate against mean predicted P(fail), per bin, for each method."""
+    """Observed failure rate against mean predicted P(fail), per (equal-count) bin."""
     fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=100)
     top = 0.05
     for name, rows in tables.items():
@@ -74,13 +76,15 @@ def write_eval_plots(run_dir: str, step: int, out: dict) -> list[str]:
     from pingllm import metrics as metrics_lib
 
     held = out["held_out"]
-    shown = {k: v for k, v in out["point"].items() if k in ("model", "vivaldi", "floor")}
+    best = out.get("comparison", {}).get("best_baseline")
+    shown = {k: v for k, v in out["point"].items() if k in ("model", "vivaldi", "floor", best)}
     eval_dir = os.path.join(run_dir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
     figures = {
         "pred_vs_true": pred_vs_true_figure(held.rtt_ms, shown),
         "calibration": calibration_figure(
-            {k: v for k, v in out["calibration"].items() if k in ("model", "vivaldi")}),
+            {k: v for k, v in out["calibration"].items()
+             if k in ("model", "model_window_context", "vivaldi")}),
     }
     paths, images = [], {}
     for name, fig in figures.items():
