@@ -18,8 +18,9 @@ launched by this script and measured the same way:
   --no_cache runs both without a cache (pingllm ENABLE_COMPILATION_CACHE=False).
 * resumed runs: the same command again with RESUME_STEPS more steps, twice ("resume", then
   "resume2"): each restores its own last checkpoint, with the compilation cache the earlier
-  starts filled (MaxText resumes by itself). MaxText's first resume misses its cache (its
-  restored state lowers a different train step than its fresh one); its second one hits.
+  starts filled (MaxText resumes by itself, with learning_rate_schedule_steps fixed so that
+  its train step does not change with `steps`: with its default, every start compiled a new
+  train step and missed its cache).
 * time to first step (TTFS): wall clock from launching the interpreter to the log line of the
   first completed step (absl timestamps: pingllm's "time to first step", MaxText's first
   "completed step: N").
@@ -62,6 +63,7 @@ SIZES = {
 CHECKPOINT_PERIOD = 10
 DROPOUT = 0.1  # MaxText peer: latency_peer.yml dropout_rate 0.1 (enable_dropout true)
 RESUME_STEPS = 10  # steps a resumed run adds
+SCHEDULE_STEPS = 1000  # MaxText's learning_rate_schedule_steps (gin/quickstart.gin's length)
 SKIP = 2  # leading steps left out of steady state (compile / async warm-up), as summarize_log.py
 
 ABSL = re.compile(r"^I(\d{4}) (\d\d:\d\d:\d\d\.\d+)")
@@ -235,7 +237,11 @@ def run_maxtext(size: dict, args, tag: str, resume: int = 0) -> dict:
                CKPT_PERIOD=str(CHECKPOINT_PERIOD))
     if args.peer_venv:
         env["VENV"] = args.peer_venv
-    extra = [f"dropout_rate={DROPOUT}", "dtype=bfloat16"]
+    # A fixed schedule length: by default MaxText's schedule spans `steps`, which a resumed run
+    # raises, and the schedule's constants are in the train step: every start would then
+    # compile a new program and miss its cache. (pingllm's LEARNING_RATE_SCHEDULE_STEPS is fixed.)
+    extra = [f"dropout_rate={DROPOUT}", "dtype=bfloat16",
+             f"learning_rate_schedule_steps={SCHEDULE_STEPS}"]
     if not args.no_cache:
         cache = os.path.join(args.out, "maxtext_cache")
         if not resume:

@@ -155,7 +155,8 @@ def _prepare_data(cfg) -> float:
 
 def _train(cfg, run_dir, stop, writer, started, data_prepare_s) -> int:
     setup = build(cfg)
-    n_params = model_lib.param_count(cfg.model)
+    # From the abstract state build() made: model_lib.param_count would trace the model again.
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
     logging.info("model: %s parameters (%.1fM)", f"{n_params:,}", n_params / 1e6)
 
     checkpointer = checkpointing.Checkpointer(cfg.checkpoint, str(run_dir))
@@ -364,7 +365,7 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
     compile_s = time.perf_counter() - t
 
     tokens_per_step = cfg.data.global_batch_size * cfg.model.max_target_length
-    flops_per_step = model_lib.flops_per_token(cfg.model) * tokens_per_step
+    flops_per_step = None  # after the first step: flops_per_token traces the model (~1 s)
     peak = metrics_lib.peak_flops_per_device(cfg.run.peak_flops_per_device) * jax.device_count()
     window = _Window(step)
     first = True
@@ -380,6 +381,7 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
             first = False
             jax.block_until_ready(state)
             ttfs = time.time() - started
+            flops_per_step = model_lib.flops_per_token(cfg.model) * tokens_per_step
             logging.info(
                 "time to first step %.2fs (data %.2fs, restore %.2fs, first batch %.2fs, "
                 "compile %.2fs); steps lost since the last save: %d",
