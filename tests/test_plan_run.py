@@ -77,10 +77,15 @@ def test_small_model_plan_matches_a_real_step():
     # XLA's argument bytes are the state + batch + key shards we computed.
     assert abs(mem["arguments"] - (mem["params"] + mem["opt_state"] + mem["batch"] + 4)) <= 64
     assert mem["peak"] == mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temp"]
+    # RSS is the only meter of CPU devices, and it also counts what the runtime and the
+    # allocator hold beside XLA's buffers: measured 1.03x this peak on 2026-11-28, 1.23x-1.29x
+    # on 2026-12-03 (the same code; warm-up steps and libtpu's absence changed nothing, fewer
+    # malloc arenas gave 1.15x). The band still fails a plan that misses the temporaries
+    # (97% of this peak) or counts the state twice.
     measured = plan["measured"]["per_device_peak"]
     print(f"planned peak {mem['peak']} B/device, measured {measured} B/device "
           f"({measured / mem['peak']:.3f}x)")
-    assert abs(measured - mem["peak"]) <= 0.10 * mem["peak"], (measured, mem)
+    assert 0.9 * mem["peak"] <= measured <= 1.4 * mem["peak"], (measured, mem)
 
 
 def test_latency_network_on_eight_devices():
