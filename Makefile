@@ -24,7 +24,7 @@ QUICKSTART_RUN ?= /tmp/pingllm_quickstart/outputs/quickstart
 # held-out table of the model against the baselines (docs/evaluation.md).
 quickstart: $(STAMP)
 	$(PY) -m pingllm.main --gin_file=gin/quickstart.gin $(ARGS)
-	$(PY) -m pingllm.evaluate --checkpoint $(QUICKSTART_RUN) --max_queries 1000 \
+	$(PY) -m pingllm.cli.evaluate --checkpoint $(QUICKSTART_RUN) --max_queries 1000 \
 		--output_json $(QUICKSTART_RUN)/eval/metrics.json
 
 test: $(STAMP)

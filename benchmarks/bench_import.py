@@ -2,12 +2,12 @@
 
     python benchmarks/bench_import.py [--rows 300000] [--workdir /tmp/pingllm_bench_import]
 
-Writes a mixed-firmware RIPE dump of the synthetic Internet (tools/make_synthetic.py's
+Writes a mixed-firmware RIPE dump of the synthetic Internet (pingllm/cli/make_synthetic.py's
 `ripe-json-mixed`: pings of firmware 4610..5080 with traceroute and DNS results between
 them), plain and bz2, then in the same run, on each file:
 
 - reference: `for line in file: json.loads(line)` (the same decompression: bz2.open);
-- import: tools/import_ripe_atlas.py's whole path, file -> checked rows -> Parquet files.
+- import: pingllm/cli/import_ripe_atlas.py's whole path, file -> checked rows -> Parquet files.
 
 Figures are per CPU second of this process (one core), so they do not depend on what else
 the machine runs; the ratio is import / reference (>= 1: importing costs no more than
@@ -49,8 +49,7 @@ def _json_loop(path: Path) -> int:
 
 
 def _import(path: Path, out: Path) -> ripe_atlas.ImportSummary:
-    sys.path.insert(0, str(REPO / "tools"))
-    import import_ripe_atlas as cli
+    from pingllm.cli import import_ripe_atlas as cli
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -64,7 +63,7 @@ def _import(path: Path, out: Path) -> ripe_atlas.ImportSummary:
 
 def _peak_rss_mb(path: Path, copies: int, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "tools" / "import_ripe_atlas.py"), *[str(path)] * copies,
+    cmd = [sys.executable, "-m", "pingllm.cli.import_ripe_atlas", *[str(path)] * copies,
            "--output", str(out)]
     stdout = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return float(re.search(r"peak RSS ([\d,]+) MB", stdout).group(1).replace(",", ""))

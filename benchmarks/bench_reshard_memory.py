@@ -1,4 +1,4 @@
-"""Peak memory of tools/reshard_checkpoint.py against the bound 2 x largest array + slack.
+"""Peak memory of pingllm/cli/reshard_checkpoint.py against the bound 2 x largest array + slack.
 
     python benchmarks/bench_reshard_memory.py --gb 2 --arrays 8            # the stated target
     python benchmarks/bench_reshard_memory.py --gb 0.3 --arrays 6 --slack_mb 600   # CI size
@@ -106,7 +106,8 @@ def main() -> int:
 
         env = planner.fake_cpu_device_env(4, os.environ)  # so the CLI need not re-execute
         proc = subprocess.run(
-            [sys.executable, "-c", _MEASURED, str(REPO / "tools" / "reshard_checkpoint.py"),
+            [sys.executable, "-c", _MEASURED,
+             str(REPO / "pingllm" / "cli" / "reshard_checkpoint.py"),
              "--input", str(step_dir), "--output", str(work / "dst"), "--mesh", "fsdp=2,tensor=2",
              "--num_devices", "4", "--max_buffer_mb", str(args.max_buffer_mb), "--json"],
             capture_output=True, text=True, env=env)

@@ -1,11 +1,11 @@
 """Tokens/s of tokens.tokenize_window on one core, against a per-measurement pure-Python encoder.
 
 Also times tokens.tokenize_windows (the same windows, vectorised across a batch of records).
-Windows look like the RIPE Atlas extract (DATA.md): 58% IPv4 / 42% IPv6 sources, ~3.5% failed,
-gaps between a source's measurements ~60 s median (p90 ~180 s), RTT median ~50 ms, each record a
-full worst-case chunk of max_length 1024. Both encoders run in this process on the same windows
-and must produce identical tokens. Throughput is reported from process CPU time (robust on a
-shared machine) and from wall time.
+Windows look like the RIPE Atlas extract (docs/data_rules.md): 58% IPv4 / 42% IPv6 sources,
+~3.5% failed, gaps between a source's measurements ~60 s median (p90 ~180 s), RTT median ~50 ms,
+each record a full worst-case chunk of max_length 1024. Both encoders run in this process on the
+same windows and must produce identical tokens. Throughput is reported from process CPU time
+(robust on a shared machine) and from wall time.
 
     python benchmarks/bench_tokenizer.py [--windows 2000] [--reference-windows 200] [--batch 128]
 """

@@ -163,8 +163,8 @@ def inspect_command(
     base_output_directory: str = BASE_OUTPUT_DIRECTORY,
     python: str = "python",
 ) -> list[str]:
-    """argv of tools/inspect_checkpoints.py for all runs, one run, or one step of one run."""
-    command = [python, "tools/inspect_checkpoints.py", base_output_directory]
+    """argv of pingllm/cli/inspect_checkpoints.py for all runs, one run, or one step of one run."""
+    command = [python, "pingllm/cli/inspect_checkpoints.py", base_output_directory]
     if run_name:
         _check_run_name(run_name)
         command += ["--run", run_name]

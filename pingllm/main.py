@@ -54,6 +54,11 @@ def main(argv) -> int:
     return trainer.train(cfg)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `pingllm-train` console script (same as `python -m pingllm.main`)."""
     logging.set_verbosity(logging.INFO)
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from pingllm import compilation_cache, partitioning, preemption, rtt_eval
+from pingllm import compilation_cache, partitioning, preemption
 from pingllm import config as config_lib
 from pingllm import metrics as metrics_lib
 from pingllm import model as model_lib
@@ -28,6 +28,7 @@ from pingllm import train_state as state_lib
 from pingllm.checkpoint import manager as checkpointing
 from pingllm.checkpoint import storage
 from pingllm.data import pipeline
+from pingllm.eval import in_loop as rtt_eval
 
 EXIT_DONE = 0
 EXIT_STOPPED = 75  # EX_TEMPFAIL: saved and stopped early; rerun the same command to resume.

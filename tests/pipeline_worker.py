@@ -21,8 +21,8 @@ def main():
                                process_id=int(process_id))
     import numpy as np
 
+    from pingllm.cli import dump_batches
     from pingllm.data import pipeline
-    from tools import dump_batches
 
     config = pipeline.DataConfig(**json.loads(config_json))
     rows = dump_batches.dump(config, [int(s) for s in steps.split(",")],

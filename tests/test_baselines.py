@@ -4,8 +4,8 @@ planar-plus-height latency space and is deterministic for a seed."""
 import numpy as np
 import pytest
 
-from pingllm import baselines
 from pingllm.data import records
+from pingllm.eval import baselines
 
 
 def _addr(i: int) -> np.ndarray:

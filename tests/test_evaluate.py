@@ -10,7 +10,8 @@ import pytest
 # The session fixtures of test_predict.py: one tiny training run serves both files.
 from test_predict import tiny_run  # noqa: F401
 
-from pingllm import evaluate
+from pingllm.cli import evaluate as evaluate_cli
+from pingllm.eval import heldout as evaluate
 
 
 def test_rtt_metrics_exact_values():
@@ -140,7 +141,7 @@ def test_sample_held_out_is_seeded_and_positions_index_the_records():
 
 def test_cli_end_to_end(tiny_run, tmp_path, capsys):  # noqa: F811
     out_json = tmp_path / "metrics.json"
-    assert evaluate.main(["--checkpoint", tiny_run, "--max_queries", "24", "--output_json",
+    assert evaluate_cli.main(["--checkpoint", tiny_run, "--max_queries", "24", "--output_json",
                           str(out_json), "--eval_batches", "1"]) == 0
     printed = capsys.readouterr().out
     assert "median_relative_error" in printed and "vivaldi" in printed
@@ -181,7 +182,7 @@ def test_eval_rtt_metrics_for_the_trainer_with_sharded_params(tiny_run):  # noqa
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from pingllm import predict
+    from pingllm.eval import predictor as predict
 
     cfg, params, _ = predict.load_checkpoint(tiny_run)
     mesh = Mesh(np.array(jax.devices()), ("fsdp",))

@@ -134,7 +134,7 @@ def test_inspector_tells_complete_incomplete_and_corrupt_apart_on_the_bucket(kil
     data[len(data) // 2] ^= 0x01
     fs.pipe_file(f"{BUCKET}/{victims[0]}", bytes(data))
 
-    proc = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip", "--json"])
+    proc = _cli(["pingllm/cli/inspect_checkpoints.py", f"gs://{BUCKET}/flip", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = {r["step"]: r for r in json.loads(proc.stdout)["runs"][0]["steps"]}
     assert steps[victim_step]["status"] == "corrupt"
@@ -142,9 +142,9 @@ def test_inspector_tells_complete_incomplete_and_corrupt_apart_on_the_bucket(kil
     assert steps[STEPS]["status"] == "complete" and steps[4]["status"] == "complete"
     if not k["committed_at_kill"]:
         assert steps[k["killed_step"]]["status"] == "incomplete"
-    table = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip"])
+    table = _cli(["pingllm/cli/inspect_checkpoints.py", f"gs://{BUCKET}/flip"])
     assert "Corrupt" in table.stdout and "Complete" in table.stdout, table.stdout
-    detail = _cli(["tools/inspect_checkpoints.py", f"gs://{BUCKET}/flip/gcs2", "--step",
+    detail = _cli(["pingllm/cli/inspect_checkpoints.py", f"gs://{BUCKET}/flip/gcs2", "--step",
                    str(STEPS)])
     assert detail.returncode == 0 and "params." in detail.stdout, detail.stderr[-2000:]
     # Orbax's own finalization rule agrees with the inspector on every step.
@@ -198,7 +198,7 @@ def test_reshard_from_bucket_to_bucket(killed_run):
     k = killed_run
     src = k["run_dir"] / "checkpoints" / str(STEPS)
     dst = f"gs://{BUCKET}/resharded/run"
-    proc = _cli(["tools/reshard_checkpoint.py", "--input", str(src), "--output", dst,
+    proc = _cli(["pingllm/cli/reshard_checkpoint.py", "--input", str(src), "--output", dst,
                  "--content", "params"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     from pingllm.checkpoint import format as fmt
@@ -243,7 +243,7 @@ def _to_bucket(local_run: str, name: str) -> str:
 def test_predict_and_evaluate_read_a_bucket_checkpoint(tiny_run, world_rows, bucket,  # noqa: F811
                                                        gcs_emulator, capsys, tmp_path,
                                                        monkeypatch):
-    from pingllm import evaluate, predict
+    from pingllm.cli import evaluate, predict
 
     remote = _to_bucket(tiny_run, "tiny")
     _, table = world_rows

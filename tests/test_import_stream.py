@@ -174,7 +174,7 @@ def test_multi_stream_bz2_and_multi_member_gzip_are_read_whole(mixed_lines, tmp_
 
 
 def _cli(*args, cwd, stdin=None):
-    return subprocess.run([sys.executable, "tools/import_ripe_atlas.py", *map(str, args)],
+    return subprocess.run([sys.executable, "pingllm/cli/import_ripe_atlas.py", *map(str, args)],
                           check=False, cwd=cwd, capture_output=True, timeout=300, input=stdin)
 
 
@@ -215,7 +215,7 @@ def _peak_rss_mb(repo_root, tmp_path, block: bytes, repeats: int) -> tuple[float
     """Peak RSS of the importer CLI fed `block` x `repeats` through a pipe; rows written."""
     out = tmp_path / f"out{repeats}"
     proc = subprocess.Popen(
-        [sys.executable, "tools/import_ripe_atlas.py", "-", "--output", str(out),
+        [sys.executable, "pingllm/cli/import_ripe_atlas.py", "-", "--output", str(out),
          "--chunk_rows", "20000", "--rows_per_file", "200000"],
         cwd=repo_root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for _ in range(repeats):

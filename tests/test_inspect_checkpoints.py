@@ -1,4 +1,4 @@
-"""tools/inspect_checkpoints.py on checkpoints written by real (tiny) trainer runs.
+"""pingllm/cli/inspect_checkpoints.py on checkpoints written by real (tiny) trainer runs.
 
 Three runs under one base directory: 'clean' (steps 2 and 4 complete), 'flipped' (a copy of
 'clean' with one byte of step 2's array data flipped: corrupt) and 'killed' (a run SIGKILLed
@@ -23,7 +23,7 @@ import resume_helpers as rh
 from pingllm.checkpoint import manager as checkpointing
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "inspect_checkpoints.py"
+TOOL = REPO / "pingllm" / "cli" / "inspect_checkpoints.py"
 pytestmark = pytest.mark.slow
 
 

@@ -92,7 +92,7 @@ def test_train_command_rejects_unsafe_run_names(bad):
 
 
 def test_inspect_command():
-    base = ["python", "tools/inspect_checkpoints.py", "/mnt/outputs/latency_network"]
+    base = ["python", "pingllm/cli/inspect_checkpoints.py", "/mnt/outputs/latency_network"]
     assert mg.inspect_command() == base
     assert mg.inspect_command("lat1") == [*base, "--run", "lat1"]
     assert mg.inspect_command("lat1", 500) == [*base, "--run", "lat1", "--step", "500"]

@@ -12,9 +12,9 @@ import tiny
 from pingllm import config as config_lib
 from pingllm import step as step_lib
 from pingllm import trainer
+from pingllm.cli import dump_batches
 from pingllm.data import pipeline, tokens
 from pingllm.model import Transformer, dummy_inputs
-from tools import dump_batches
 
 CONFIG = pipeline.DataConfig(
     source="synthetic_memory", synthetic_rows=3_000, max_target_length=256, global_batch_size=8,

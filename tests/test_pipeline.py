@@ -11,8 +11,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from pingllm.cli import dump_batches
 from pingllm.data import pipeline, records, tokens
-from tools import dump_batches
 
 CONFIG = pipeline.DataConfig(
     source="synthetic_memory", synthetic_rows=3_000, max_target_length=256, global_batch_size=8,

@@ -1,4 +1,4 @@
-"""tools/plan_run.py: ahead-of-time plans checked against numbers computed another way.
+"""pingllm/cli/plan_run.py: ahead-of-time plans checked against numbers computed another way.
 
 - a small model: the plan's per-device memory within 10% of what one real step of the same
   compiled program allocates on 8 CPU devices (process RSS high-water mark, see
@@ -32,7 +32,7 @@ from pingllm.checkpoint import manager as checkpointing
 from pingllm.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "plan_run.py"
+TOOL = REPO / "pingllm" / "cli" / "plan_run.py"
 pytestmark = pytest.mark.slow
 
 TINY = ["ModelConfig.num_layers=1", "ModelConfig.emb_dim=32", "ModelConfig.num_heads=2",

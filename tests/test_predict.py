@@ -19,8 +19,9 @@ import pyarrow.csv  # noqa: F401  (pa.csv)
 import pyarrow.parquet as pq
 import pytest
 
-from pingllm import predict
+from pingllm.cli import predict as predict_cli
 from pingllm.data import records, synthetic, tokens
+from pingllm.eval import predictor as predict
 
 TINY_ROWS = 20_000
 TINY_BINDINGS = [
@@ -220,7 +221,7 @@ def test_cli_single_pair(tiny_run, world_rows, capsys, monkeypatch):
     _, table = world_rows
     src, dst = table["src_addr"][0].as_py(), table["dst_addr"][0].as_py()
     monkeypatch.chdir(Path(tiny_run).parent)  # a checkpoint path relative to the working dir
-    assert predict.main(["--checkpoint", Path(tiny_run).name, "--src", src, "--dst", dst,
+    assert predict_cli.main(["--checkpoint", Path(tiny_run).name, "--src", src, "--dst", dst,
                          "--time", "2025-03-03T12:00:00Z"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"src={src} dst={dst} p_fail=") and "rtt_p50=" in line
@@ -234,7 +235,7 @@ def test_cli_batch_mode_adds_columns(tiny_run, world_rows, tmp_path):
     out = tmp_path / "out.parquet"
     ctx = tmp_path / "ctx.parquet"
     pq.write_table(table.slice(0, 300), ctx)
-    assert predict.main(["--checkpoint", os.path.join(tiny_run, "checkpoints"), "--pairs",
+    assert predict_cli.main(["--checkpoint", os.path.join(tiny_run, "checkpoints"), "--pairs",
                          str(pairs_csv), "--output", str(out), "--context", str(ctx)]) == 0
     got = pq.read_table(out)
     assert got.column_names == ["src_addr", "dst_addr", "event_time", *predict.OUTPUT_COLUMNS]
@@ -251,25 +252,25 @@ def test_cli_batch_mode_adds_columns(tiny_run, world_rows, tmp_path):
 ])
 def test_cli_bad_address_is_a_clear_error(args, message, capsys):
     # Addresses are checked before the checkpoint is opened: the path need not exist.
-    assert predict.main(["--checkpoint", "/nonexistent", *args]) == 2
+    assert predict_cli.main(["--checkpoint", "/nonexistent", *args]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_pairs_file_errors_name_the_problem(tmp_path, capsys):
     bad = tmp_path / "pairs.csv"
     bad.write_text("src_addr,destination\n192.0.2.1,192.0.2.2\n")
-    assert predict.main(["--checkpoint", "/x", "--pairs", str(bad), "--output",
+    assert predict_cli.main(["--checkpoint", "/x", "--pairs", str(bad), "--output",
                          str(tmp_path / "o.csv")]) == 2
     assert "pairs file lacks column(s) dst_addr" in capsys.readouterr().err
     bad.write_text("src_addr,dst_addr\n192.0.2.1,192.0.2.2\n192.0.2.1,fe80::1\n")
-    assert predict.main(["--checkpoint", "/x", "--pairs", str(bad), "--output",
+    assert predict_cli.main(["--checkpoint", "/x", "--pairs", str(bad), "--output",
                          str(tmp_path / "o.csv")]) == 2
     assert "row 1: source 192.0.2.1 is IPv4 but destination fe80::1 is IPv6" in (
         capsys.readouterr().err)
 
 
 def test_cli_as_a_process_exits_nonzero_on_bad_address(repo_root):
-    proc = subprocess.run([sys.executable, "-m", "pingllm.predict", "--checkpoint", "/x",
+    proc = subprocess.run([sys.executable, "-m", "pingllm.cli.predict", "--checkpoint", "/x",
                            "--src", "1.2.3", "--dst", "1.2.3.4"], cwd=repo_root,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "bad source address '1.2.3'" in proc.stderr

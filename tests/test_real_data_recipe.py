@@ -1,6 +1,6 @@
 """docs/data.md's real-data recipe end to end at toy size: a mixed RIPE dump (bz2) -> import
 -> build with a time split -> python -m pingllm.main --gin_file=gin/ripe_atlas.gin ->
-python -m pingllm.evaluate on held-out pairs and on the later-in-time split."""
+pingllm-evaluate on held-out pairs and on the later-in-time split."""
 
 import subprocess
 import sys
@@ -39,12 +39,12 @@ def _table_methods(stdout: str) -> list[str]:
 @pytest.mark.slow
 def test_import_build_train_evaluate_on_a_ripe_dump(tmp_path, repo_root):
     dumps, imported = tmp_path / "dumps", tmp_path / "imported"
-    _run(["tools/make_synthetic.py", "--rows", "12000", "--format", "ripe-json-mixed",
+    _run(["pingllm/cli/make_synthetic.py", "--rows", "12000", "--format", "ripe-json-mixed",
           "--duration_s", "14400", "--output", str(dumps)], repo_root)
     _run(["-c", "import bz2, pathlib, sys; p = pathlib.Path(sys.argv[1]); "
           "p.with_suffix('.jsonl.bz2').write_bytes(bz2.compress(p.read_bytes())); p.unlink()",
           str(dumps / "results-00000.jsonl")], repo_root)
-    out = _run(["tools/import_ripe_atlas.py", str(dumps / "results-00000.jsonl.bz2"),
+    out = _run(["pingllm/cli/import_ripe_atlas.py", str(dumps / "results-00000.jsonl.bz2"),
                 "--output", str(imported)], repo_root)
     assert "not_a_ping" in out and "kept                              12,000" in out
     assert pq.read_table(imported).num_rows == 12000
@@ -58,7 +58,7 @@ def test_import_build_train_evaluate_on_a_ripe_dump(tmp_path, repo_root):
     assert (built / "1.0.0").is_dir()
 
     run = tmp_path / "outputs" / "ripe_atlas"
-    common = ["-m", "pingllm.evaluate", "--checkpoint", str(run), "--max_queries", "40",
+    common = ["-m", "pingllm.cli.evaluate", "--checkpoint", str(run), "--max_queries", "40",
               "--no_plots", "--context", "train", "--eval_batches", "1",
               "--output_json", str(tmp_path / "eval.json")]
     held_out = _run(common, repo_root)

@@ -1,4 +1,4 @@
-"""tools/reshard_checkpoint.py on a real 2-process checkpoint: 2x2 -> 1x8 -> bfloat16 params only.
+"""pingllm-reshard-checkpoint on a real 2-process checkpoint: 2x2 -> 1x8 -> bf16 params only.
 
 Each output is resumed (or started from) by the real trainer CLI and restored by plain Orbax in a
 subprocess that imports no pingllm code; values are compared bitwise with the source, read with
@@ -19,7 +19,7 @@ import pytest
 import resume_helpers as rh
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "reshard_checkpoint.py"
+TOOL = REPO / "pingllm" / "cli" / "reshard_checkpoint.py"
 pytestmark = pytest.mark.slow
 
 

@@ -559,7 +559,7 @@ def test_summary_merge_json_and_format():
 
 def _cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "tools/import_ripe_atlas.py", *map(str, args)],
+        [sys.executable, "pingllm/cli/import_ripe_atlas.py", *map(str, args)],
         check=False,
         cwd=cwd,
         capture_output=True,

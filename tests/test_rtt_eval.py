@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from pingllm import config as config_lib
-from pingllm import evaluate as evaluate_lib
 from pingllm import optimizer as optimizer_lib
-from pingllm import partitioning, rtt_eval
+from pingllm import partitioning
 from pingllm import train_state as state_lib
+from pingllm.eval import heldout as evaluate_lib
+from pingllm.eval import in_loop as rtt_eval
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

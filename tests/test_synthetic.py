@@ -259,7 +259,7 @@ def test_cli_writes_row_schema_parquet(repo_root, tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            str(repo_root / "tools" / "make_synthetic.py"),
+            str(repo_root / "pingllm" / "cli" / "make_synthetic.py"),
             "--rows",
             "30000",
             "--seed",
@@ -288,7 +288,7 @@ def test_cli_writes_row_schema_parquet(repo_root, tmp_path):
 
 def test_cli_writes_ripe_json_lines(repo_root, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location(
-        "make_synthetic", repo_root / "tools" / "make_synthetic.py"
+        "make_synthetic", repo_root / "pingllm" / "cli" / "make_synthetic.py"
     )
     make_synthetic = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_synthetic)

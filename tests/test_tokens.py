@@ -1,4 +1,4 @@
-"""Pins the measurement token scheme v1 (design/TOKENIZATION.md) and its window tokenizer."""
+"""Pins the measurement token scheme v1 (docs/tokenization.md) and its window tokenizer."""
 
 import hashlib
 import subprocess

@@ -1,6 +1,6 @@
 """The trainer's train step compiled by libtpu for real TPU slices, on a host without TPUs.
 
-tools/plan_run.py --topology runs in its own process (JAX_PLATFORMS=cpu, libtpu only describes
+pingllm/cli/plan_run.py --topology runs in its own process (JAX_PLATFORMS=cpu, libtpu only describes
 the topology and compiles), so this process's JAX is untouched. One compile of the research
 config for a 4-host v5e slice is shared by the assertions on it; a model too large for one chip
 is cheap (XLA refuses it early).
@@ -23,7 +23,7 @@ from pingllm import planner
 from pingllm.data import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "plan_run.py"
+TOOL = REPO / "pingllm" / "cli" / "plan_run.py"
 RESEARCH = REPO / "gin" / "latency_network.gin"
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install -e '.[plan]')")

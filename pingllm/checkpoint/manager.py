@@ -654,7 +654,7 @@ class Checkpointer:
 def restore_params(path: epath.PathLike, abstract_params: Any, *,
                    prefer_ema: bool = False) -> Any:
     """The parameters of a step directory, its items/ directory or a params-only checkpoint
-    (e.g. from tools/reshard_checkpoint.py), onto abstract_params.
+    (e.g. from pingllm/cli/reshard_checkpoint.py), onto abstract_params.
 
     prefer_ema: a train state's moving average ('ema_params') when it has one, else 'params'.
     """

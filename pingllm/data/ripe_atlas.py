@@ -304,7 +304,7 @@ def _parse_address_field(value) -> tuple[str, int, bool] | None:
 
 
 def _pick_source(candidates: Sequence) -> tuple[str, int]:
-    """The first public candidate (DATA.md: `from`, then `src_addr`)."""
+    """The first public candidate (docs/data_rules.md: `from`, then `src_addr`)."""
     for value in candidates:
         parsed = _parse_address_field(value)
         if parsed is not None and parsed[2]:

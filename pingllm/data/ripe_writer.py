@@ -1,4 +1,4 @@
-"""ROW_SCHEMA rows -> RIPE Atlas ping results as JSON lines (firmware 5080 format, DATA.md §2).
+"""ROW_SCHEMA rows -> RIPE Atlas ping results as JSON lines (fw 5080 format, docs/data_rules.md §2).
 
 What a row does not say (the other two packets, NAT, TTL) is filled in deterministically from
 the row itself, so the same table always gives the same bytes. Importing the lines back

@@ -284,7 +284,7 @@ class RecordSource:
     """Random access to one split's records, decoded to the record dict of numpy arrays.
 
     Reads with `read(i, i + 1)`: the stock sources use `read([i])`, whose cost grows with
-    the file size (LIBRARY_FACTS.md). Readers open lazily, so the source pickles into
+    the file size (docs/library_facts.md). Readers open lazily, so the source pickles into
     Grain worker processes.
     """
 

@@ -1,9 +1,9 @@
-"""The measurement token scheme v1 (design/TOKENIZATION.md): RTT codes, windows, prompts, parsing.
+"""The measurement token scheme v1 (docs/tokenization.md): RTT codes, windows, prompts, parsing.
 
-Windows. `tokenize_window` packs one record (CONTRACTS.md); `tokenize_windows` does the same for
-many records in one vectorised pass (row i is identical to tokenize_window of record i) and is
-several times faster per token, because numpy's per-call overhead, not arithmetic, bounds a
-single ~850-token window.
+Windows. `tokenize_window` packs one record (docs/CONTRACTS.md); `tokenize_windows` does the
+same for many records in one vectorised pass (row i is identical to tokenize_window of record i)
+and is several times faster per token, because numpy's per-call overhead, not arithmetic, bounds
+a single ~850-token window.
 
 Randomness. Every random choice of a window (timestamp mode, order, which measurements carry a
 timestamp) comes from a counter-based splitmix64 stream keyed by (seed, window_index) alone,
@@ -27,7 +27,7 @@ import itertools
 
 import numpy as np
 
-# ---- vocabulary (TOKENIZATION.md) ----
+# ---- vocabulary (docs/tokenization.md) ----
 MEASUREMENT_START = 0
 SRC_IPV4 = 1
 SRC_IPV6 = 2
@@ -43,7 +43,7 @@ BYTE_OFFSET = 11
 VOCAB_SIZE = 267
 PAD = MEASUREMENT_START  # padding reuses id 0; it carries field class FIELD_PAD
 
-# ---- field classes (CONTRACTS.md) ----
+# ---- field classes (docs/CONTRACTS.md) ----
 FIELD_PAD = 0
 FIELD_START = 1
 FIELD_SRC = 2

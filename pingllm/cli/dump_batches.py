@@ -1,6 +1,6 @@
 """Write the exact batches the trainer sees at some steps, optionally printed as measurements.
 
-    python tools/dump_batches.py --gin_file=gin/quickstart.gin [--gin_bindings=...] \
+    pingllm-dump-batches --gin_file=gin/quickstart.gin [--gin_bindings=...] \
         --steps 0,1,7 --output batches.npz [--decode] [--process_count P --process_index p]
 
 The npz holds `steps` int64[S] and inputs/targets/weights/segment_ids/fields [S, rows, L]:
@@ -16,11 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pingllm.data import pipeline, schema, tokens
 
-BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "fields", "novel_result")
+BATCH_KEYS = tuple(pipeline.BATCH_DTYPES)
 
 
 def dump(config: pipeline.DataConfig, steps, process_index: int = 0,

@@ -1,6 +1,6 @@
 """Rewrite a checkpoint for another mesh / process layout, dtype or content, streaming.
 
-    python tools/reshard_checkpoint.py --input RUN/checkpoints/STEP --output RUN2_OR_STEP_DIR \
+    pingllm-reshard-checkpoint --input RUN/checkpoints/STEP --output RUN2_OR_STEP_DIR \
         [--mesh data=1,fsdp=4,tensor=2 | --gin_file F --gin_bindings B ...] [--num_devices K] \
         [--param_dtype bfloat16] [--content full|params|no_iter] [--max_buffer_mb 256] [--json]
 
@@ -28,9 +28,6 @@ import json
 import math
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 EXIT_BAD_INPUT = 2
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -111,7 +108,8 @@ def _targets(args, stored, reshard, num_devices):
     return reshard.shardings_from_saved_specs(stored, mesh), None
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     from etils import epath
 
@@ -133,7 +131,8 @@ def main(argv: list[str]) -> int:
 
         if num_devices != jax.device_count():
             env = planner.fake_cpu_device_env(num_devices, os.environ)
-            os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+            argv = [sys.executable, "-m", "pingllm.cli.reshard_checkpoint", *argv]
+            os.execve(sys.executable, argv, env)
     from pingllm import config as config_lib
     from pingllm.checkpoint import reshard
 

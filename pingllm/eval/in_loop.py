@@ -14,9 +14,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from pingllm import evaluate as evaluate_lib
 from pingllm import partitioning
-from pingllm import predict as predict_lib
+from pingllm.eval import heldout as evaluate_lib
+from pingllm.eval import predictor as predict_lib
 
 METRICS = ("median_relative_error", "median_abs_error_ms", "within_25pct", "p_fail_brier")
 

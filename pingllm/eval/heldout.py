@@ -1,7 +1,6 @@
 """Held-out evaluation: the model's RTT predictions against baselines on pairs never trained on.
 
-    python -m pingllm.evaluate --checkpoint RUN_DIR [--gin_file F ...] [--output_json F]
-        [--max_queries N] [--context train|window|both]
+The command is `pingllm-evaluate` (pingllm/cli/evaluate.py).
 
 Queries are measurements of the test split (pairs never in training), sampled uniformly with a
 fixed seed. The model's prompt for a query is a context of the same source, then the query's
@@ -27,22 +26,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from pingllm import baselines as baselines_lib
-from pingllm import predict as predict_lib
+from pingllm.eval import baselines as baselines_lib
+from pingllm.eval import predictor as predict_lib
 
 RTT_RANGES_MS = ((0.0, 10.0), (10.0, 50.0), (50.0, 150.0), (150.0, np.inf))
 CALIBRATION_BINS = np.array([0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0])
 HEADLINE = ("median_relative_error", "median_abs_error_ms", "within_10pct", "within_25pct",
             "p_fail_brier", "n_rtt")
-# What `python -m pingllm.evaluate` prints: point errors, P(fail) against the base rate, and
+# What `pingllm-evaluate` prints: point errors, P(fail) against the base rate, and
 # the distribution scores (n/a for a method without a distribution).
 TABLE_COLUMNS = ("median_relative_error", "median_abs_error_ms", "within_25pct", "p_fail_brier",
                  "p_fail_brier_base_rate", "p10_p90_coverage", "crps_log_rtt", "rtt_log_score",
@@ -545,79 +541,3 @@ def format_comparison(comp: dict) -> str:
         lines.append(f"P(fail) Brier: {comp['brier_x_base_rate']:.3f}x the base rate's")
     lines += [f"  [{'met' if ok else 'MISSED'}] {bar}" for bar, ok in comp["bars"].items()]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m pingllm.evaluate",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="run directory, its checkpoints/ directory, or one step directory")
-    parser.add_argument("--gin_file", action="append", default=[],
-                        help="gin files to use instead of the run's config.gin (e.g. other data)")
-    parser.add_argument("--gin_bindings", action="append", default=[])
-    parser.add_argument("--output_json", help="write {method: {metric: value}} here")
-    parser.add_argument("--max_queries", type=int, default=500)
-    parser.add_argument("--context", choices=("train", "window", "both"), default="both")
-    parser.add_argument("--eval_batches", type=int, default=None,
-                        help="batches for token losses (default: the run's EVAL_STEPS)")
-    parser.add_argument("--no_plots", action="store_true")
-    args = parser.parse_args(argv)
-
-    from pingllm import config as config_lib
-
-    try:
-        model_cfg_run, params, step_dir = predict_lib.load_checkpoint(args.checkpoint)
-        cfg = model_cfg_run
-        if args.gin_file or args.gin_bindings:
-            run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
-            files = args.gin_file or [str(run_dir / "config.gin")]
-            cfg = config_lib.load(files, args.gin_bindings)
-            if cfg.model != model_cfg_run.model:
-                raise config_lib.ConfigError("--gin_file changes the model config; the "
-                                             "checkpoint was trained with another")
-    except (FileNotFoundError, config_lib.ConfigError) as e:
-        print(f"pingllm.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    predictor = predict_lib.Predictor(cfg.model, params, data_config=cfg.data,
-                                      seed=cfg.data.seed)
-    step = int(step_dir.name) if step_dir.name.isdigit() else 0
-    print(f"evaluate: checkpoint {step_dir} (step {step})")
-    out = evaluate(predictor, cfg, max_queries=args.max_queries, context=args.context,
-                   eval_batches=args.eval_batches)
-    metrics = out["metrics"]
-    print(format_table(metrics, TABLE_COLUMNS))
-    print(format_comparison(out["comparison"]))
-    for k in sorted(metrics["model"]):
-        if k.startswith("loss"):
-            print(f"model {k} = {metrics['model'][k]:.4f}")
-    print("P(fail) calibration of the model (equal-count bins):")
-    print(format_calibration(out["calibration"]["model"]))
-    if args.output_json:
-        path = Path(args.output_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        path.with_name(path.stem + "_calibration.json").write_text(
-            json.dumps(out["calibration"], indent=2))
-        path.with_name(path.stem + "_comparison.json").write_text(
-            json.dumps(out["comparison"], indent=2, default=bool))
-        print(f"wrote {path}")
-    if not args.no_plots:
-        from pingllm import plots
-        from pingllm.checkpoint import storage
-
-        run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
-        # matplotlib and TensorFlow's event writer write local files: on gs:// they go to a
-        # local mirror of the run directory and are copied up.
-        local = storage.local_mirror(run_dir) if storage.is_remote(run_dir) else str(run_dir)
-        written = plots.write_eval_plots(local, step, out)
-        if local != str(run_dir):
-            storage.Mirror(local, run_dir).sync()
-            written = [f"{run_dir}/{w[len(local):].lstrip('/')}" for w in written]
-        print("plots: " + ", ".join(written))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

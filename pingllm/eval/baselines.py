@@ -19,7 +19,7 @@ from pingllm.data import records
 
 
 def measurements_of_records(recs) -> records.Measurements:
-    """Flattens records (CONTRACTS.md) into one row per measurement."""
+    """Flattens records (docs/CONTRACTS.md) into one row per measurement."""
     recs = list(recs)
     if not recs:
         raise ValueError("no records to fit on")

@@ -1,6 +1,6 @@
 """List runs and their checkpoints, or show one checkpoint in detail.
 
-    python tools/inspect_checkpoints.py BASE_OR_RUN_OR_STEP_DIR [--run RUN] [--step N] [--json]
+    pingllm-inspect-checkpoints BASE_OR_RUN_OR_STEP_DIR [--run RUN] [--step N] [--json]
 
 A base output directory lists every run under it; a run directory (or its checkpoints/) lists
 that run; a step directory, or --step N, shows one checkpoint: every array's path, shape, dtype,
@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pingllm.checkpoint import inspect as inspect_lib  # noqa: E402
+from pingllm.checkpoint import inspect as inspect_lib
 
 EXIT_BAD_PATH = 2
 EXIT_NOT_ALL_COMPLETE = 3
@@ -39,7 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
         kind = inspect_lib.classify(inspect_lib.epath.Path(args.path))

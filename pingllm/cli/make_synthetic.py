@@ -1,6 +1,6 @@
 """Generate rows of the synthetic Internet into DIR, as ROW_SCHEMA Parquet or RIPE JSON lines.
 
-    python tools/make_synthetic.py --rows N [--seed S] --output DIR
+    pingllm-make-synthetic --rows N [--seed S] --output DIR
         [--format parquet|ripe-json|ripe-json-mixed] [--start_time ISO] [--duration_s SECONDS]
 
 Writes DIR/rows-NNNNN.parquet (or DIR/results-NNNNN.jsonl), one file per chunk of
@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without installing too
 
 from pingllm.data import ripe_writer, synthetic
 

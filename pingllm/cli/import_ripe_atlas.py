@@ -1,6 +1,6 @@
 """Import RIPE Atlas ping results into ROW_SCHEMA Parquet files, printing what was dropped.
 
-    python tools/import_ripe_atlas.py FILE... --output DIR [--summary_json FILE]
+    pingllm-import-ripe-atlas FILE... --output DIR [--summary_json FILE]
         [--af 4|6] [--msm_ids ID,ID,...|builtin] [--start TIME] [--end TIME]
         [--probes ID,ID,...|@FILE] [--progress auto|always|never]
 

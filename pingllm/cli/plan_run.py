@@ -1,6 +1,6 @@
 """Plan a run without running it: parameters, FLOPs, per-device memory, HBM fit, checkpoint fit.
 
-    python tools/plan_run.py --gin_file=gin/latency_network.gin [--gin_bindings=...] \
+    pingllm-plan-run --gin_file=gin/latency_network.gin [--gin_bindings=...] \
         (--num_devices 8 | --topology cpu:8 | --topology v5e-256 [--num_slices 2]) \
         [--checkpoint STEP_DIR] [--measure] [--json]
 
@@ -38,10 +38,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
@@ -101,17 +97,18 @@ def _with_slices(cfg, num_slices: int):
     return dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data_dcn=num_slices))
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     n, topology = target(args)
     from pingllm import planner
 
     if n is not None and not planner.has_fake_cpu_devices(n, os.environ):
         env = planner.fake_cpu_device_env(n, os.environ)
-        os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "pingllm.cli.plan_run", *argv], env)
     if topology is not None and not planner.has_tpu_planning_env(topology, os.environ):
         env = planner.tpu_planning_env(topology, os.environ)
-        os.execve(sys.executable, [sys.executable, __file__, *argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", "pingllm.cli.plan_run", *argv], env)
     if args.checkpoint:
         from etils import epath
 

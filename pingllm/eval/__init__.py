@@ -1,0 +1,1 @@
+"""Held-out evaluation: baselines, the checkpoint predictor, the in-loop evaluator, plots."""
