@@ -47,8 +47,7 @@ def rtt_smoothed_cross_entropy(logits_BxLxV: jax.Array, batch: Batch,
     byte1_BxL = jnp.clip(targets_BxL - tokens.BYTE_OFFSET, 0, 255)
     byte2_BxL = jnp.clip(jnp.roll(targets_BxL, -1, axis=1) - tokens.BYTE_OFFSET, 0, 255)
     code_BxL = byte1_BxL * 256 + byte2_BxL
-    rtt_us_BxL = jnp.ldexp((code_BxL & 2047).astype(jnp.float32),
-                           code_BxL >> tokens.RTT_MANTISSA_BITS)
+    rtt_us_BxL = tokens.decode_rtt_us(code_BxL, xp=jnp, dtype=jnp.float32)
     mu_BxLx1 = jnp.log(jnp.maximum(rtt_us_BxL, 1.0))[..., None]
     lo_K, hi_K = (jnp.asarray(e, jnp.float32) for e in _rtt_byte1_log_edges())
     mass_BxLxK = (jax.scipy.special.ndtr((hi_K - mu_BxLx1) / sigma)

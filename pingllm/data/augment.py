@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from pingllm.data import tokens
+from pingllm.data import splitmix, tokens
 
 _STREAM_ANONYMISE = 102
 _STREAM_DEDUPE = 103
@@ -27,10 +27,10 @@ _STREAM_DEDUPE = 103
 
 def _uniforms(seed: int, window_index: int, stream: int, n: int) -> np.ndarray:
     """n uniforms in [0, 1) keyed by (seed, window index, stream); NumPy-version independent."""
-    key = int(tokens._stream_keys(seed, [window_index], stream)[0])
+    key = int(tokens.stream_keys(seed, [window_index], stream)[0])
     with np.errstate(over="ignore"):
-        z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(tokens._GOLDEN) + np.uint64(key)
-    return (tokens._mix64_inplace(z) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(splitmix.GOLDEN) + np.uint64(key)
+    return splitmix.unit(splitmix.mix64_inplace(z))
 
 
 def latest_of_each_destination(dst_addr: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from pingllm.data import augment as augment_lib
-from pingllm.data import records, tfds_builder, tokens
+from pingllm.data import records, splitmix, tfds_builder, tokens
 
 SOURCES = ("tfds", "synthetic_memory")
 # Grain datasets need a length; training runs are bounded by this many steps.
@@ -160,10 +160,11 @@ def epoch_permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
 
     Hand-rolled rather than np.random so the order never changes with the NumPy version.
     """
-    key = tokens._mix64((tokens._mix64(int(seed) & tokens._M64) ^ int(epoch)) & tokens._M64)
+    m = splitmix.M64
+    key = splitmix.mix64_int((splitmix.mix64_int(int(seed) & m) ^ int(epoch)) & m)
     with np.errstate(over="ignore"):
-        h = np.arange(num_records, dtype=np.uint64) * np.uint64(tokens._GOLDEN) + np.uint64(key)
-    return np.argsort(tokens._mix64_inplace(h), kind="stable")
+        h = np.arange(num_records, dtype=np.uint64) * np.uint64(splitmix.GOLDEN) + np.uint64(key)
+    return np.argsort(splitmix.mix64_inplace(h), kind="stable")
 
 
 def record_index(seed: int, position: int, num_records: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pingllm.data import schema, tokens
+from pingllm.data import schema, splitmix, tokens
 
 RECORD_KEYS = ("src_addr", "ip_version", "dst_addr", "event_time", "rtt_ms")
 DEFAULT_TEST_FRACTION = 0.1
@@ -77,14 +77,6 @@ def _address_words(addr_Nx16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return words[:, 0], words[:, 1]
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a stable, well-spread 64-bit mix."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
 def _salt_word(salt: str) -> np.uint64:
     return np.uint64(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:8], "big"))
 
@@ -105,8 +97,8 @@ def split_of_pairs(
     h = np.full(len(src_bytes), _salt_word(salt), np.uint64)
     with np.errstate(over="ignore"):
         for word in (*_address_words(src_bytes), *_address_words(dst_bytes)):
-            h = _mix64(h ^ word) + np.uint64(0x9E3779B97F4A7C15)
-    u = (_mix64(h) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+            h = splitmix.mix64(h ^ word) + np.uint64(splitmix.GOLDEN)
+    u = splitmix.unit(splitmix.mix64(h))
     return u < test_fraction
 
 

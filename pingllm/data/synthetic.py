@@ -31,6 +31,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from pingllm.data import splitmix
 from pingllm.data.schema import FAILED_RTT, ROW_SCHEMA
 
 # ---------------------------------------------------------------- constants
@@ -218,15 +219,8 @@ class WorldConfig:
 
 # ---------------------------------------------------------------- hashing (pure randomness)
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective scramble of uint64."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+_GOLDEN = np.uint64(splitmix.GOLDEN)
+_mix64 = splitmix.mix64
 
 
 def _hash(seed: int, salt: int, *keys) -> np.ndarray:
@@ -239,9 +233,7 @@ def _hash(seed: int, salt: int, *keys) -> np.ndarray:
     return h
 
 
-def _unit(h: np.ndarray) -> np.ndarray:
-    """uint64 hash -> float64 uniform in [0, 1)."""
-    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+_unit = splitmix.unit
 
 
 def _normal(h: np.ndarray) -> np.ndarray:

@@ -27,6 +27,8 @@ import itertools
 
 import numpy as np
 
+from pingllm.data import splitmix
+
 # ---- vocabulary (docs/tokenization.md) ----
 MEASUREMENT_START = 0
 SRC_IPV4 = 1
@@ -144,12 +146,14 @@ def _rtt_codes(rtt_ms) -> np.ndarray:
 
 def decode_rtt(codes) -> np.ndarray:
     """RTTs in ms (float64) of RTT codes."""
-    return _decode_us(codes) / 1000.0
+    return decode_rtt_us(codes) / 1000.0
 
 
-def _decode_us(codes) -> np.ndarray:
-    codes = np.asarray(codes).astype(np.int64)
-    return np.ldexp((codes & 2047).astype(np.float64), codes >> RTT_MANTISSA_BITS)
+def decode_rtt_us(codes, xp=np, dtype=np.float64):
+    """RTTs in microseconds of RTT codes; `xp=jax.numpy` decodes traced codes in a step."""
+    codes = xp.asarray(codes).astype(xp.int32 if xp is not np else np.int64)
+    mantissa = codes & ((1 << RTT_MANTISSA_BITS) - 1)
+    return xp.ldexp(mantissa.astype(dtype), codes >> RTT_MANTISSA_BITS)
 
 
 def rtt_code_to_bytes(codes):
@@ -178,16 +182,15 @@ def rtt_byte1_ranges_us() -> tuple[np.ndarray, np.ndarray]:
     """[lo, hi) in us (float64[256]) of the RTTs whose codes start with each first RTT byte
     (codes b1 << 8 .. b1 << 8 | 255); (0, 0) for bytes no canonical code starts with."""
     first = np.arange(256) << 8
-    lo = _decode_us(first)
-    hi = _decode_us(first | 255) + np.ldexp(1.0, first >> RTT_MANTISSA_BITS)
+    lo = decode_rtt_us(first)
+    hi = decode_rtt_us(first | 255) + np.ldexp(1.0, first >> RTT_MANTISSA_BITS)
     return np.where(CANONICAL_RTT_BYTE1, lo, 0.0), np.where(CANONICAL_RTT_BYTE1, hi, 0.0)
 
 
 # ---- stable hashing and the window's random stream ----
 
-_M64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_M64, _GOLDEN, _MIX1, _MIX2 = splitmix.M64, splitmix.GOLDEN, splitmix.MIX1, splitmix.MIX2
+_mix64, _mix64_inplace = splitmix.mix64_int, splitmix.mix64_inplace
 _U = np.uint64
 _GOLDEN_U, _MIX1_U, _MIX2_U = _U(_GOLDEN), _U(_MIX1), _U(_MIX2)
 _S27, _S30, _S31, _S32 = _U(27), _U(30), _U(31), _U(32)
@@ -199,23 +202,6 @@ _MAX_DELTA_I, _DELTA1_MAX_I = np.int64(MAX_DELTA), np.int64(DELTA1_MAX)
 _MAX_DELTA_U = np.uint64(MAX_DELTA)
 _TIME_DELTA1_I = np.int64(_TIME_DELTA1)
 _STREAM_MODE, _STREAM_ORDER = 1, 2
-
-
-def _mix64(z: int) -> int:
-    """splitmix64's finaliser on a Python int."""
-    z = ((z ^ (z >> 30)) * _MIX1) & _M64
-    z = ((z ^ (z >> 27)) * _MIX2) & _M64
-    return z ^ (z >> 31)
-
-
-def _mix64_inplace(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array, in place."""
-    z ^= z >> _S30
-    z *= _MIX1_U
-    z ^= z >> _S27
-    z *= _MIX2_U
-    z ^= z >> _S31
-    return z
 
 
 def _src_hash(src_Rx16: np.ndarray) -> np.ndarray:
@@ -268,7 +254,7 @@ def _u64(values) -> np.ndarray:
     return v.astype(np.uint64)
 
 
-def _stream_keys(seed: int, window_indices, stream: int) -> np.ndarray:
+def stream_keys(seed: int, window_indices, stream: int) -> np.ndarray:
     """Key of a window's random stream: mix(mix(mix(seed + G) ^ window_index) + stream * G)."""
     seed_key = _mix64((int(seed) + _GOLDEN) & _M64)
     if len(window_indices) == 1:  # Python ints: a few times cheaper than numpy on one value
@@ -282,7 +268,7 @@ def _stream_keys(seed: int, window_indices, stream: int) -> np.ndarray:
 
 def _mode_indices(seed: int, window_indices) -> np.ndarray:
     """Timestamp mode index (0 full, 1 none, 2 mixed) of each window (int64)."""
-    keys = _stream_keys(seed, window_indices, _STREAM_MODE)
+    keys = stream_keys(seed, window_indices, _STREAM_MODE)
     p_full, p_none, _ = TIMESTAMP_MODE_PROBS
     if len(keys) == 1:
         u = (int(keys[0]) >> 11) * 2.0**-53
@@ -324,7 +310,7 @@ def _plan(seed, window_indices, modes, n, starts, win):
     m = len(win) if win is not None else int(n[0])
     if win is None and modes[0] == 0:
         return None, None
-    keys = _stream_keys(seed, window_indices, _STREAM_ORDER)
+    keys = stream_keys(seed, window_indices, _STREAM_ORDER)
     if win is None:
         r = _arange_u64(m) * _GOLDEN_U
         r += keys[0]

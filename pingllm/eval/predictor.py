@@ -278,8 +278,7 @@ def _fit_context(context: dict | None, query: Query, max_length: int,
         keep = keep[t <= query.event_time]
     if latest_per_destination and len(keep):
         keep = keep[augment.latest_of_each_destination(np.asarray(context["dst_addr"])[keep])]
-    a_tokens = 5 if query.ip_version == 4 else 17
-    query_len = 1 + 2 * a_tokens + 9 + 3  # worst case: absolute timestamp, and the result
+    query_len = tokens.worst_case_tokens(query.ip_version, True)  # absolute time, and the result
     room = tokens.max_measurements(query.ip_version, max_length - query_len)
     keep = keep[len(keep) - min(room, len(keep)):]
     return {"src_addr": np.asarray(context["src_addr"], np.uint8),
