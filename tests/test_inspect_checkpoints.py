@@ -55,6 +55,13 @@ def walk(path: Path) -> tuple[int, int]:
     return size, files
 
 
+def _holds_a_file(directory: Path) -> bool:
+    try:
+        return any(p.is_file() for p in directory.rglob("*"))
+    except OSError:  # renamed away while we looked: that save committed
+        return False
+
+
 def kill_during_save(s, out: Path, name: str, attempts: int = 3) -> Path:
     """Runs `name` and SIGKILLs it while a step's temporary directory exists; returns that dir."""
     for attempt in range(attempts):
@@ -65,7 +72,10 @@ def kill_during_save(s, out: Path, name: str, attempts: int = 3) -> Path:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and launch.popen.poll() is None:
             tmp = list(ckpts.glob("*.orbax-checkpoint-tmp*")) if ckpts.is_dir() else []
-            if tmp and rh.checkpoint_steps(out / name):  # one complete step first
+            # A save that wrote something (an empty temporary directory holds no object: on a
+            # bucket it does not exist, and the listing is the same on disk), after a complete step.
+            tmp = [t for t in tmp if _holds_a_file(t)]
+            if tmp and rh.checkpoint_steps(out / name):
                 launch.kill()
                 launch.popen.wait()
                 if tmp[0].exists():
