@@ -40,7 +40,10 @@ def test_kill_9_at_random_moments_never_loses_a_committed_step(tmp_path_factory)
         work=s.root / "chaos", modes=("saving", "training", "one_process", "startup"),
         say=lines.append)
     print("\n".join(lines))
-    assert report.kills == 4 and report.episodes_finished == 1, lines
+    # Each finished episode was compared bit for bit with the uninterrupted run (the loop
+    # asserts it); with warm compilation caches a run can finish before the last kill, and the
+    # loop then starts a second episode for it.
+    assert report.kills == 4 and report.episodes_finished >= 1, lines
     assert report.by_mode == {"startup": 1, "training": 1, "saving": 1, "one_process": 1}
     assert report.during_save >= 1, lines  # the 'saving' kill found a save in flight
     # Every restart after a kill that came after the first save restored the newest listed
