@@ -43,17 +43,7 @@ class MeshPredictor(predict_lib.Predictor):
         out = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            longest = max(len(r) for r in chunk)
-            width = min(-(-longest // predict_lib._LENGTH_BUCKET) * predict_lib._LENGTH_BUCKET,
-                        self.max_length)
-            if longest > width:
-                raise predict_lib.PredictionError(
-                    f"a prompt of {longest} tokens exceeds the model's {self.max_length}")
-            batch = np.zeros((self.batch_size, width), np.int32)
-            lengths = np.full(self.batch_size, 2, np.int32)
-            for i, row in enumerate(chunk):
-                batch[i, :len(row)] = row
-                lengths[i] = len(row)
+            batch, lengths = predict_lib.pad_prompts(chunk, self.batch_size, self.max_length)
             args = (self.params, self._global(batch), self._global(lengths))
             if batch.shape not in self._compiled:
                 # Compiled, then every process waits: a peer still compiling must not time out

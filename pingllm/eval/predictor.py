@@ -137,6 +137,21 @@ def _forward_fn(model_cfg):
     return last_two
 
 
+def pad_prompts(chunk, batch_size: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> (tokens int32[batch_size, width], lengths) with width a multiple of
+    _LENGTH_BUCKET (few compiled shapes); unused rows get length 2."""
+    longest = max(len(r) for r in chunk)
+    width = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, max_length)
+    if longest > width:
+        raise PredictionError(f"a prompt of {longest} tokens exceeds the model's {max_length}")
+    batch = np.zeros((batch_size, width), np.int32)
+    lengths = np.full(batch_size, 2, np.int32)
+    for i, row in enumerate(chunk):
+        batch[i, :len(row)] = row
+        lengths[i] = len(row)
+    return batch, lengths
+
+
 class Predictor:
     """A model's parameters plus how prompts are built (context choice, tokenization seed)."""
 
@@ -171,16 +186,7 @@ class Predictor:
         out = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
-            longest = max(len(r) for r in chunk)
-            width = min(-(-longest // _LENGTH_BUCKET) * _LENGTH_BUCKET, self.max_length)
-            if longest > width:
-                raise PredictionError(f"a prompt of {longest} tokens exceeds the model's "
-                                      f"{self.max_length}")
-            batch = np.zeros((self.batch_size, width), np.int32)
-            lengths = np.full(self.batch_size, 2, np.int32)
-            for i, row in enumerate(chunk):
-                batch[i, :len(row)] = row
-                lengths[i] = len(row)
+            batch, lengths = pad_prompts(chunk, self.batch_size, self.max_length)
             logits = self._forward(self.params, jnp.asarray(batch), jnp.asarray(lengths))
             out.append(np.asarray(jax.device_get(logits))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, 2, 1), np.float32)
