@@ -220,3 +220,21 @@ def test_errors_exit_2(base, tmp_path):
     assert proc.returncode == 2 and "has no step 99 (steps: 2, 4)" in proc.stderr
     proc = tool(out, "--run", "nope", check=False)
     assert proc.returncode == 2 and "no such run" in proc.stderr
+
+
+def test_empty_temporary_directory_is_listed_incomplete(base, tmp_path):
+    """A save killed right after it created its temporary directory leaves it empty."""
+    out, _ = base
+    run = tmp_path / "runs" / "emptytmp"
+    shutil.copytree(out / "clean", run)
+    empty = run / "checkpoints" / "6.orbax-checkpoint-tmp-1700000000"
+    empty.mkdir()
+    (run / "checkpoints" / "notes").mkdir()  # not a step name: ignored
+    steps = {(i.step, i.path.name): (i.status, i.files)
+             for i in checkpointing.list_steps(run / "checkpoints")}
+    assert steps[(6, empty.name)] == ("incomplete", 0)
+    assert sorted(steps) == [(2, "2"), (4, "4"), (6, empty.name)]
+    report = json.loads(tool(tmp_path / "runs", "--json").stdout)
+    listed = {st["step"]: st for st in report["runs"][0]["steps"]}
+    assert listed[6]["status"] == "incomplete" and listed[6]["files"] == 0
+    assert report["runs"][0]["latest"] == 4

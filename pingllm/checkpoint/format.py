@@ -296,11 +296,31 @@ def step_info(step_dir: epath.PathLike, *, verify: bool = True,
 def list_steps(directory: epath.PathLike, *, verify: bool = True) -> list[StepInfo]:
     """Every step directory under `directory` (complete, incomplete or corrupt), oldest first."""
     root = as_path(directory)
+    by_child = _split(listing(root))
+    for child in _empty_subdirectories(root, by_child):
+        by_child[child] = {}  # e.g. a save killed right after it created its temporary directory
     infos = []
-    for child, files in _split(listing(root)).items():
+    for child, files in by_child.items():
         if parse_step_name(child) is not None:
             infos.append(step_info(root / child, verify=verify, files=files))
     return sorted(infos, key=lambda i: (i.step, i.status != "complete"))
+
+
+def _empty_subdirectories(root: epath.Path, with_files: dict) -> list[str]:
+    """Names of the directories directly under `root` that hold no file (local disk only).
+
+    A bucket has no empty directories (only objects), so only local disk can have one.
+    """
+    if storage.is_remote(root):
+        return []
+    fs, path = storage.filesystem(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = (e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries
+             if e.get("type") == "directory")
+    return [n for n in names if n not in with_files]
 
 
 def committed_steps(root: epath.PathLike) -> list[int]:
