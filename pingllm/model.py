@@ -74,6 +74,11 @@ class ModelConfig:
     # the field it is): "3rd byte of the destination" becomes an input feature instead of
     # something attention must work out from relative positions.
     field_slot_embedding: bool = False
+    # Buckets of a hashed embedding of each address's prefixes (0 = off), added at the address's
+    # last byte: IPv4 /16, /24, /32; IPv6 /32, /48, /64, /128; one table for sources and
+    # destinations. A learned vector per prefix, as matrix factorisation learns one per host,
+    # but shared by every address of a /24 (a site) or /16 (an AS).
+    address_prefix_buckets: int = 0
     padded_vocab_size: int = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -91,6 +96,10 @@ class ModelConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.scan_unroll < 1:
             raise ValueError(f"scan_unroll={self.scan_unroll} must be >= 1")
+        if self.address_prefix_buckets < 0:
+            raise ValueError(
+                f"address_prefix_buckets={self.address_prefix_buckets} must be >= 0 (0 = off)"
+            )
         if self.vocab_pad_multiple < 1:
             raise ValueError(f"vocab_pad_multiple={self.vocab_pad_multiple} must be >= 1")
         padded = -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
@@ -108,15 +117,68 @@ def attention_implementation(config: ModelConfig) -> str:
     return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
 
 
-def field_slots(inputs_BxL: jax.Array) -> jax.Array:
-    """int32[B, L] in [0, NUM_FIELD_SLOTS): opener id * 17 + offset since the opener."""
+def _openers(inputs_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(position of the id that opened each token's field, that id, offset since it)."""
     positions_L = jnp.arange(inputs_BxL.shape[1])
     is_opener_BxL = inputs_BxL < tokens_lib.BYTE_OFFSET
     opener_at_BxL = jax.lax.cummax(jnp.where(is_opener_BxL, positions_L, 0), axis=1)
     opener_BxL = jnp.take_along_axis(inputs_BxL, opener_at_BxL, axis=1)
     opener_BxL = jnp.clip(opener_BxL, 0, tokens_lib.BYTE_OFFSET - 1)
-    offset_BxL = jnp.minimum(positions_L - opener_at_BxL, MAX_SLOT_OFFSET)
+    return opener_at_BxL, opener_BxL, positions_L - opener_at_BxL
+
+
+def field_slots(inputs_BxL: jax.Array) -> jax.Array:
+    """int32[B, L] in [0, NUM_FIELD_SLOTS): opener id * 17 + offset since the opener."""
+    _, opener_BxL, offset_BxL = _openers(inputs_BxL)
+    offset_BxL = jnp.minimum(offset_BxL, MAX_SLOT_OFFSET)
     return (opener_BxL * (MAX_SLOT_OFFSET + 1) + offset_BxL).astype(jnp.int32)
+
+
+# Prefix lengths in bytes hashed at an address's last byte (IPv4 /16 /24 /32; IPv6 /32 /48
+# /64 /128); an IPv4 address repeats its /32 in the fourth slot, masked off.
+_PREFIX_BYTES = {4: (2, 3, 4, 4), 6: (4, 6, 8, 16)}
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser (uint32 in, uint32 out)."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def address_prefix_buckets(inputs_BxL: jax.Array, buckets: int) -> tuple[jax.Array, jax.Array]:
+    """(int32[B, L, 4] bucket of each prefix of the address ending here, bool[B, L, 4] valid).
+
+    Valid only at the last byte of a complete address field (source or destination, one hash
+    for both), so no position sees a byte after it; the bucket hashes the family, the prefix
+    length and the prefix's bytes.
+    """
+    b, length = inputs_BxL.shape
+    opener_at_BxL, opener_BxL, offset_BxL = _openers(inputs_BxL)
+    is_v6_BxL = (opener_BxL == tokens_lib.SRC_IPV6) | (opener_BxL == tokens_lib.DST_IPV6)
+    is_v4_BxL = (opener_BxL == tokens_lib.SRC_IPV4) | (opener_BxL == tokens_lib.DST_IPV4)
+    last_BxL = (is_v4_BxL & (offset_BxL == 4)) | (is_v6_BxL & (offset_BxL == 16))
+    last_BxL &= inputs_BxL >= tokens_lib.BYTE_OFFSET
+    at_BxLx16 = jnp.clip(opener_at_BxL[:, :, None] + 1 + jnp.arange(16), 0, length - 1)
+    bytes_BxLx16 = jnp.take_along_axis(inputs_BxL, at_BxLx16.reshape(b, -1), axis=1)
+    bytes_BxLx16 = (bytes_BxLx16.reshape(b, length, 16) - tokens_lib.BYTE_OFFSET) & 0xFF
+    # Running hash of the first k + 1 bytes, for every k.
+    h_BxL = jnp.where(is_v6_BxL, jnp.uint32(0x9E3779B9), jnp.uint32(0x7F4A7C15))
+    running = []
+    for k in range(16):
+        h_BxL = _fmix32(h_BxL * jnp.uint32(0x01000193) + bytes_BxLx16[:, :, k].astype(jnp.uint32))
+        running.append(h_BxL)
+    running_BxLx16 = jnp.stack(running, axis=-1)
+    out, valid = [], []
+    for level in range(4):
+        n4, n6 = _PREFIX_BYTES[4][level], _PREFIX_BYTES[6][level]
+        h_BxL = jnp.where(is_v6_BxL, running_BxLx16[:, :, n6 - 1], running_BxLx16[:, :, n4 - 1])
+        h_BxL = _fmix32(h_BxL ^ jnp.uint32(0x2545F491 * (level + 1) & 0xFFFFFFFF))
+        out.append((h_BxL % jnp.uint32(buckets)).astype(jnp.int32))
+        valid.append(last_BxL & (is_v6_BxL | (level < 3)))
+    return jnp.stack(out, axis=-1), jnp.stack(valid, axis=-1)
 
 
 class Dense(nn.Module):
@@ -350,6 +412,21 @@ class Transformer(nn.Module):
                 jnp.dtype(cfg.param_dtype),
             )
             x_BxLxD += jnp.take(slots_VxD, field_slots(inputs_BxL), axis=0).astype(dtype)
+        if cfg.address_prefix_buckets:
+            # Zero init: an address whose prefixes were never trained on adds nothing.
+            prefixes_PxD = self.param(
+                "address_prefix_embedding",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("prefix_buckets", "embed")),
+                (cfg.address_prefix_buckets, cfg.emb_dim),
+                jnp.dtype(cfg.param_dtype),
+            )
+            bucket_BxLx4, valid_BxLx4 = address_prefix_buckets(
+                inputs_BxL, cfg.address_prefix_buckets
+            )
+            rows_BxLx4xD = jnp.take(prefixes_PxD, bucket_BxLx4, axis=0)
+            x_BxLxD += jnp.einsum(
+                "blpd,blp->bld", rows_BxLx4xD, valid_BxLx4.astype(rows_BxLx4xD.dtype)
+            ).astype(dtype)
         x_BxLxD = nn.Dropout(rate=cfg.dropout_rate, deterministic=deterministic)(x_BxLxD)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, BLOCK_AXES)
 
@@ -426,6 +503,7 @@ def matmul_param_count(config: ModelConfig) -> int:
     lookup = 0 if config.logits_via_embedding else config.padded_vocab_size * config.emb_dim
     if config.field_slot_embedding:
         lookup += NUM_FIELD_SLOTS * config.emb_dim
+    lookup += config.address_prefix_buckets * config.emb_dim
     return param_count(config) - lookup
 
 

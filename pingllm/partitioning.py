@@ -32,6 +32,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    # The hashed address-prefix table's rows: replicated (looked up by a gather, like the
+    # field-slot table's unnamed rows); its embed dimension is FSDP-sharded as "embed".
+    ("prefix_buckets", None),
 )
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]

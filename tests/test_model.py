@@ -293,3 +293,70 @@ def test_field_slot_embedding_adds_one_table_and_changes_the_output():
     assert np.all(np.isfinite(logits))
     assert not np.allclose(logits, apply(without, inputs, segment_ids))
 
+
+
+PREFIX_TINY = dataclasses.replace(TINY, max_target_length=64, field_slot_embedding=True)
+
+
+def _two_pings_window(third_dst_byte=100):
+    from pingllm.data import tokens
+
+    record = {"src_addr": np.array([192, 0, 2, 1] + [0] * 12, np.uint8), "ip_version": 4,
+              "dst_addr": np.array([[198, 51, third_dst_byte, 7] + [0] * 12] * 2, np.uint8),
+              "event_time": np.array([1_700_000_000, 1_700_000_100]),
+              "rtt_ms": np.array([12.5, 30.0], np.float32)}
+    return tokens.tokenize_window(record, seed=0, window_index=0, max_length=64, mode="full")
+
+
+def test_address_prefix_buckets_hash_each_prefix_at_the_address_last_byte():
+    from pingllm.data import tokens
+
+    w, w2 = _two_pings_window(100), _two_pings_window(101)
+    buckets, valid = (np.asarray(a)[0] for a in model_lib.address_prefix_buckets(
+        jnp.asarray(w.tokens[None]), 1 << 14))
+    buckets2, valid2 = (np.asarray(a)[0] for a in model_lib.address_prefix_buckets(
+        jnp.asarray(w2.tokens[None]), 1 << 14))
+    opener2 = np.asarray(model_lib._openers(jnp.asarray(w2.tokens[None]))[1])[0]
+    dst2_at = np.flatnonzero(valid2.any(-1) & (opener2 == tokens.DST_IPV4))
+    _, opener, offset = (np.asarray(a)[0] for a in model_lib._openers(jnp.asarray(w.tokens[None])))
+    last_v4 = np.isin(opener, [tokens.SRC_IPV4, tokens.DST_IPV4]) & (offset == 4)
+    last_v4 &= np.arange(len(w.tokens)) < w.length
+    # Valid exactly at each IPv4 address's 4th byte, for /16, /24 and /32 (not the 4th level).
+    assert valid[:w.length].any(-1).tolist() == last_v4[:w.length].tolist()
+    assert (valid[last_v4] == [True, True, True, False]).all()
+    src_at = np.flatnonzero(last_v4 & (opener == tokens.SRC_IPV4))
+    dst_at = np.flatnonzero(last_v4 & (opener == tokens.DST_IPV4))
+    assert len(src_at) == 2 and len(dst_at) == 2
+    # The same address hashes the same wherever it is; another /24 in the same /16 shares
+    # only the /16 bucket; the source's prefixes differ from the destination's.
+    assert (buckets[dst_at[0], :3] == buckets[dst_at[1], :3]).all()
+    assert buckets2[dst2_at[0], 0] == buckets[dst_at[0], 0]
+    assert (buckets2[dst2_at[0], 1:3] != buckets[dst_at[0], 1:3]).all()
+    assert (buckets[src_at[0], :3] != buckets[dst_at[0], :3]).all()
+    assert buckets.min() >= 0 and buckets.max() < 1 << 14
+
+
+def test_address_prefix_embedding_is_used_causally_and_changes_the_output():
+    cfg = dataclasses.replace(PREFIX_TINY, address_prefix_buckets=64)
+    base = PREFIX_TINY
+    assert model_lib.param_count(cfg) - model_lib.param_count(base) == 64 * TINY.emb_dim
+    assert model_lib.matmul_param_count(cfg) == model_lib.matmul_param_count(base)
+    with pytest.raises(ValueError, match="address_prefix_buckets"):
+        dataclasses.replace(TINY, address_prefix_buckets=-1)
+    apply, params = _init(cfg)
+    w = _two_pings_window()
+    inputs = jnp.asarray(w.tokens[None])
+    segment_ids = jnp.asarray((np.arange(len(w.tokens)) < w.length)[None].astype(np.int32))
+    logits = np.asarray(apply(params, inputs, segment_ids))
+    zero = dict(params, address_prefix_embedding=np.zeros_like(params["address_prefix_embedding"]))
+    logits_zero = np.asarray(apply(zero, inputs, segment_ids))
+    # Zero table = the model without it (same other parameters).
+    apply_base, _ = _init(base)
+    without = {k: v for k, v in params.items() if k != "address_prefix_embedding"}
+    np.testing.assert_allclose(logits_zero, np.asarray(apply_base(without, inputs, segment_ids)),
+                               rtol=1e-5, atol=1e-5)
+    first = int(np.flatnonzero(np.asarray(model_lib.address_prefix_buckets(inputs, 64)[1])[0]
+                               .any(-1))[0])
+    # Positions before the first address's last byte never see the table; later ones do.
+    np.testing.assert_array_equal(logits[0, :first], logits_zero[0, :first])
+    assert not np.allclose(logits[0, first:w.length], logits_zero[0, first:w.length])
