@@ -118,12 +118,14 @@ def _records(m: Measurements, max_target_length: int) -> Iterator[dict[str, np.n
     src_hi, src_lo = _address_words(m.src_addr)
     dst_hi, dst_lo = _address_words(m.dst_addr)
     # Ties in time break on destination then RTT, so records do not depend on row order.
-    order = np.lexsort((m.rtt_ms, dst_lo, dst_hi, m.event_time, src_lo, src_hi))
+    # A source is its bytes and its family: IPv4 32.1.13.184 and IPv6 2001:db8:: share bytes.
+    order = np.lexsort((m.rtt_ms, dst_lo, dst_hi, m.event_time, m.ip_version, src_lo, src_hi))
     m = m.take(order)
     src_hi, src_lo = src_hi[order], src_lo[order]
 
     new_source = np.ones(len(m), bool)
-    new_source[1:] = (src_hi[1:] != src_hi[:-1]) | (src_lo[1:] != src_lo[:-1])
+    new_source[1:] = ((src_hi[1:] != src_hi[:-1]) | (src_lo[1:] != src_lo[:-1])
+                      | (m.ip_version[1:] != m.ip_version[:-1]))
     starts = np.flatnonzero(new_source)
     counts = np.diff(np.append(starts, len(m)))
     per_record = {v: measurements_per_record(v, max_target_length) for v in (4, 6)}

@@ -7,17 +7,23 @@ turned into records one bucket at a time). `make_config` builds a config for any
 window length, test fraction and time split (`later_from`: rows from that time on form a third
 split, `later`); its name encodes every value that differs from the preset, so different data
 never shares a directory.
+
+The manual configs build on Apache Beam (`beam_build.py`) whenever the build is given a Beam
+runner or Beam options (`DownloadConfig(beam_runner=..., beam_options=...)`, which
+`tfds build --beam_pipeline_options=...` sets); otherwise in this process. Both key each record
+by its content (`keyed_records`), so both write the same records in the same order into the
+same directory (the config name does not say how it was built).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import shutil
 import tempfile
 import weakref
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from etils import epath
 from tensorflow_datasets.proto import tf_example_pb2
 
@@ -40,7 +47,6 @@ DEFAULT_SYNTHETIC_SEED = 0
 # more sources with fewer pings each (the generator lengthens a span too short for the rows).
 DEFAULT_SYNTHETIC_DURATION_S = 86_400
 _BYTES = tfds.features.Encoding.BYTES
-_log = logging.getLogger(__name__)
 MANUAL_SUFFIXES = (".jsonl", ".json", ".gz", ".bz2", ".parquet")
 # The manual build holds one bucket's rows (about 1/MANUAL_BUCKETS of them) in memory at a time.
 MANUAL_BUCKETS = 32
@@ -159,12 +165,23 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
         "(*.jsonl, optionally .gz/.bz2) and/or Parquet extracts in the row schema (*.parquet)."
     )
 
+    def __init__(self, *, file_format=None, **kwargs):
+        # RecordSource reads ArrayRecord: `tfds build` (whose default is TFRecord) writes it too.
+        if file_format is not None and str(getattr(file_format, "value", file_format)) != (
+                FILE_FORMAT):
+            raise ValueError(f"{NAME} is stored as {FILE_FORMAT} (RecordSource reads it), "
+                             f"not {file_format}: build with --file_format={FILE_FORMAT}")
+        super().__init__(file_format=FILE_FORMAT, **kwargs)
+
     # tfds resolves the code path of a builder inside a package through `importlib_resources`,
     # which is not installed (and not needed): the module file is the answer.
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
+
+    def _example_writer(self):
+        return CanonicalExampleWriter(file_format=self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
         # A builder outside the tfds catalog has no metadata files:
@@ -187,21 +204,53 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             homepage="https://atlas.ripe.net/",
         )
 
+    # The ImportSummary of the last manual build (either path); None before one.
+    import_summary = None
+    _beam_requested = False
+
+    def _download_and_prepare(self, dl_manager, download_config) -> None:
+        # tfds uses Beam when a split generator is a Beam object; we return one (manual
+        # configs) exactly when the caller gave a runner or options.
+        self._beam_requested = (download_config.beam_runner is not None
+                                or download_config.beam_options is not None)
+        super()._download_and_prepare(dl_manager, download_config)
+
     def _split_generators(self, dl_manager) -> dict[str, Any]:
         config = self.builder_config
         later_s = later_from_seconds(config.later_from)
         if config.source == "manual":
-            buckets = self._manual_buckets(dl_manager.manual_dir)
             names = ("train", "test") + (() if later_s is None else ("later",))
-            return {name: self._generate_examples(name, self._bucket_records(buckets, name))
+            if self._beam_requested:
+                from pingllm.data import beam_build
+
+                shared = beam_build.ManualSplits(
+                    manual_files(dl_manager.manual_dir), names,
+                    max_target_length=config.max_target_length,
+                    test_fraction=config.test_fraction, later_from_s=later_s)
+                return {name: shared.split(name) for name in names}
+            buckets = self._manual_buckets(dl_manager.manual_dir)
+            return {name: self._generate_examples(
+                        name, keyed_records(self._bucket_records(buckets, name)))
                     for name in names}
+        if self._beam_requested:
+            absl_logging.info("%s: synthetic rows are made in this process; Beam options unused",
+                              config.name)
         from pingllm.data import synthetic
 
         table = synthetic.SyntheticInternet(seed=config.synthetic_seed).generate(
             config.synthetic_rows, duration_s=config.synthetic_duration_s)
         split = records.rows_to_split_records(
             table, config.max_target_length, config.test_fraction, later_from_s=later_s)
-        return {name: self._generate_examples(name, recs) for name, recs in split.items()}
+        # Keys only need to be unique here (tfds shuffles records by key hash when writing).
+        return {name: self._generate_examples(name, enumerate(recs))
+                for name, recs in split.items()}
+
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        from pingllm.data import beam_build
+
+        self.import_summary = beam_build.summary_from_metrics(pipeline_result)
+        absl_logging.info("imported %d rows through Beam:\n%s", self.import_summary.kept,
+                  self.import_summary.format())
 
     def _manual_buckets(self, manual_dir) -> list[Path]:
         """Import the files once, streamed, into MANUAL_BUCKETS Parquet files by source address.
@@ -228,8 +277,9 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
         finally:
             for w in writers:
                 w.close()
-        _log.info("imported %d rows from %d files into %d buckets:\n%s", summary.kept,
+        absl_logging.info("imported %d rows from %d files into %d buckets:\n%s", summary.kept,
                   len(paths), MANUAL_BUCKETS, summary.format())
+        self.import_summary = summary
         return files
 
     def _bucket_records(self, buckets: list[Path], split: str):
@@ -243,10 +293,9 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
                     table, config.max_target_length, config.test_fraction,
                     later_from_s=later_from_seconds(config.later_from))[split]
 
-    def _generate_examples(self, name, recs):
-        # Keys only need to be unique: tfds shuffles records by key hash when writing.
+    def _generate_examples(self, name, keyed):
         empty = True
-        for key, rec in enumerate(recs):
+        for key, rec in keyed:
             empty = False
             yield key, rec
         if empty:  # tfds would only say "No examples were yielded"
@@ -254,6 +303,34 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             why = (f" (no rows at or after later_from={config.later_from!r}?)"
                    if name == "later" else "")
             raise ValueError(f"{config.name}: split {name!r} has no records{why}")
+
+
+class CanonicalExampleWriter(tfds.core.writer.ExampleWriter):
+    """Writes each Example with its features in key order, the same bytes in every process.
+
+    tfds serialises a tf.train.Example's feature map in the protobuf runtime's hash order,
+    which upb seeds per process: two builds of the same records differed in bytes. Re-encoded
+    with `deterministic=True` (same length, so tfds' size accounting holds).
+    """
+
+    def write(self, path, examples):
+        return super().write(path, ((key, tf_example_pb2.Example.FromString(raw).SerializeToString(
+            deterministic=True)) for key, raw in examples))
+
+
+def keyed_records(recs: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[str, dict]]:
+    """(key, record) from the record's content: `<ip version>/<source hex>/<first time>/<chunk>`.
+
+    `recs` holds each source's records together, in time order (as `records` yields them, for
+    all sources or one); the chunk index counts a source's records within its split. tfds
+    orders records by a hash of the key, so equal keys mean the same order on every path.
+    """
+    previous, chunk = None, 0
+    for rec in recs:
+        source = (int(rec["ip_version"]), rec["src_addr"].tobytes().hex())
+        chunk = chunk + 1 if source == previous else 0
+        previous = source
+        yield f"{source[0]}/{source[1]}/{int(rec['event_time'][0])}/{chunk}", rec
 
 
 def manual_files(manual_dir) -> list[Path]:
@@ -270,12 +347,17 @@ def builder(config: RipeAtlasPingConfig | str = "synthetic", *, data_dir: str) -
 
 
 def prepare(config: RipeAtlasPingConfig | str = "synthetic", *, data_dir: str,
-            manual_dir: str | None = None) -> RipeAtlasPing:
-    """Builds the dataset unless a complete copy is already in data_dir (idempotent)."""
+            manual_dir: str | None = None, beam_runner=None,
+            beam_options=None) -> RipeAtlasPing:
+    """Builds the dataset unless a complete copy is already in data_dir (idempotent).
+
+    A Beam runner or `apache_beam` PipelineOptions build a manual config on Beam.
+    """
     b = builder(config, data_dir=data_dir)
     b.download_and_prepare(
         file_format=FILE_FORMAT,
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, beam_runner=beam_runner, beam_options=beam_options),
     )
     return b
 
