@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -28,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
+from etils import epath
 
 from pingllm.data import records, ripe_atlas
 
@@ -49,26 +47,17 @@ def rows_by_source(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
         yield encoded.dictionary[int(codes[rows[0]])].as_py(), table.take(rows)
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 @contextlib.contextmanager
 def _local(path: str):
-    """A local path for `path`: itself, or a temporary copy of a gs:// (any Beam filesystem) one."""
-    if not _is_remote(path):
+    """A local path for `path`: itself, or a temporary copy of a gs:// (any epath) file."""
+    if "://" not in path:
         yield path
         return
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
-    # The importer tells compression by content: copy the bytes as they are.
+    source = epath.Path(path)
     with tempfile.TemporaryDirectory(prefix="pingllm_beam_") as tmp:
-        local = os.path.join(tmp, os.path.basename(path))
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
-                open(local, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        yield local
+        local = epath.Path(tmp) / source.name
+        source.copy(local)  # as it is: the importer tells compression by content
+        yield str(local)
 
 
 def count_summary(summary: ripe_atlas.ImportSummary) -> None:
@@ -134,7 +123,7 @@ def summary_from_metrics(result) -> ripe_atlas.ImportSummary:
 class ManualSplits:
     """The shared import + grouping, built once per pipeline; `split(name)` is a split's part."""
 
-    def __init__(self, paths: Sequence[str | Path], names: Sequence[str], *,
+    def __init__(self, paths: Sequence, names: Sequence[str], *,
                  max_target_length: int, test_fraction: float, later_from_s: int | None):
         self.paths = [str(p) for p in paths]
         self.names = tuple(names)

@@ -264,6 +264,9 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
         from pingllm.data import ripe_atlas
 
         paths = manual_files(manual_dir)
+        if "://" in str(paths[0]):
+            raise ValueError(f"manual_dir {manual_dir} is not on local disk: build it on Beam "
+                             "(--beam_pipeline_options=..., docs/data.md)")
         tmp = Path(tempfile.mkdtemp(prefix="ripe_atlas_ping_buckets_"))
         weakref.finalize(self, shutil.rmtree, tmp, ignore_errors=True)
         files = [tmp / f"bucket-{b:03d}.parquet" for b in range(MANUAL_BUCKETS)]
@@ -333,10 +336,12 @@ def keyed_records(recs: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[str, 
         yield f"{source[0]}/{source[1]}/{int(rec['event_time'][0])}/{chunk}", rec
 
 
-def manual_files(manual_dir) -> list[Path]:
-    """The importable files under manual_dir, sorted (their order does not change records)."""
-    root = Path(manual_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in MANUAL_SUFFIXES)
+def manual_files(manual_dir) -> list[epath.Path]:
+    """The importable files under manual_dir (local or gs://), sorted (the order does not
+    change records)."""
+    root = epath.Path(manual_dir)
+    files = sorted((top / name for top, _, names in root.walk() for name in names
+                    if epath.Path(name).suffix in MANUAL_SUFFIXES), key=str)
     if not files:
         raise FileNotFoundError(f"no RIPE Atlas files ({', '.join(MANUAL_SUFFIXES)}) in {root}")
     return files
