@@ -167,10 +167,20 @@ def test_rows_by_source_hands_out_each_row_once_under_its_source():
     assert list(beam_build.rows_by_source(rows.slice(0, 0))) == []
 
 
-def test_other_file_formats_are_refused():
+def test_other_file_formats_and_misnamed_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--file_format=array_record"):
-        tfds_builder.RipeAtlasPing(config="manual", data_dir="/nonexistent",
+        tfds_builder.RipeAtlasPing(config="manual", data_dir=str(tmp_path),
                                    file_format="tfrecord")
+    # What `tfds build --config '{"name": ..., ...}'` makes: the name must be make_config's.
+    misnamed = tfds_builder.RipeAtlasPingConfig(name="manual_short", source="manual",
+                                                max_target_length=256)
+    with pytest.raises(ValueError, match="'manual_len256'"):
+        tfds_builder.RipeAtlasPing(config=misnamed, data_dir=str(tmp_path))
+    named = tfds_builder.RipeAtlasPingConfig(name="manual_len256", source="manual",
+                                             max_target_length=256)
+    b = tfds_builder.RipeAtlasPing(config=named, data_dir=str(tmp_path))
+    assert b.builder_config.name == tfds_builder.make_config(
+        "manual", max_target_length=256).name
 
 
 @pytest.mark.slow

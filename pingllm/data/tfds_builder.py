@@ -172,6 +172,17 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             raise ValueError(f"{NAME} is stored as {FILE_FORMAT} (RecordSource reads it), "
                              f"not {file_format}: build with --file_format={FILE_FORMAT}")
         super().__init__(file_format=FILE_FORMAT, **kwargs)
+        c = self.builder_config
+        expect = make_config(c.source, synthetic_rows=c.synthetic_rows,
+                             synthetic_seed=c.synthetic_seed,
+                             max_target_length=c.max_target_length,
+                             test_fraction=c.test_fraction,
+                             synthetic_duration_s=c.synthetic_duration_s,
+                             later_from=c.later_from).name
+        if c.name != expect:  # e.g. `tfds build --config '{json}'` under another name
+            raise ValueError(f"config {c.name!r} holds the data of {expect!r}: name it "
+                             f"{expect!r} (make_config), so different data never shares a "
+                             "directory")
 
     # tfds resolves the code path of a builder inside a package through `importlib_resources`,
     # which is not installed (and not needed): the module file is the answer.
