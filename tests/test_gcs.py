@@ -18,12 +18,15 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import resume_helpers as rh
 from etils import epath
 from test_predict import tiny_run, world_rows  # noqa: F401 - session fixtures
+
+from pingllm.checkpoint import format as fmt
 
 STEPS = 40
 # test_kill_restart's settings: its uninterrupted 2-process reference "ref2" is reused.
@@ -85,7 +88,8 @@ def killed_run(tmp_path_factory, gcs_emulator, bucket):
     second = rh.run(s, "gcs2", extra, processes=2, devices=2, tag="_rerun")
     return {"s": s, "ref": ref, "run_dir": run_dir, "out": out, "killed_step": killed_step,
             "committed_at_kill": f"{prefix}{killed_step}/commit_success.txt"
-            in objects_after_kill, "first": first, "second": second, "prefix": prefix}
+            in objects_after_kill, "objects_after_kill": objects_after_kill, "first": first,
+            "second": second, "prefix": prefix}
 
 
 @pytest.mark.slow
@@ -97,9 +101,16 @@ def test_killed_save_is_never_restored_nor_deleted_and_rerun_is_bitwise(killed_r
     assert tier == "persistent" and step % 4 == 0
     if not k["committed_at_kill"]:
         assert step < k["killed_step"], log[-3000:]
-        # Kept, still incomplete: the rerun skipped that step's save instead of deleting it.
-        left = gcs_emulator.objects(BUCKET, f"{k['prefix']}{k['killed_step']}/")
-        assert left and f"{k['prefix']}{k['killed_step']}/commit_success.txt" not in left
+        # Kept, still incomplete, every object moved aside: the rerun saved that step anew.
+        listed = {i.path.name: i.status for i in fmt.list_steps(k["run_dir"] / "checkpoints")}
+        aside = [n for n in listed
+                 if n.startswith(f"{k['killed_step']}.orbax-checkpoint-tmp-unfinished-")]
+        assert len(aside) == 1 and listed[aside[0]] == "incomplete", listed
+        assert listed[str(k["killed_step"])] == "complete"
+        assert fmt.step_info(k["run_dir"] / "checkpoints" / str(k["killed_step"])).verified
+        moved = gcs_emulator.objects(BUCKET, f"{k['prefix']}{aside[0]}/")
+        assert {n.split("/", 4)[-1]: size for n, size in moved.items()} == {
+            n.split("/", 4)[-1]: size for n, size in k["objects_after_kill"].items()}
     restored_state = rh.read_state(k["run_dir"] / "checkpoints" / str(step))
     assert fingerprint == rh.fingerprint(restored_state["params"])
     final = rh.read_state(k["run_dir"] / "checkpoints" / str(STEPS))
@@ -140,8 +151,11 @@ def test_inspector_tells_complete_incomplete_and_corrupt_apart_on_the_bucket(kil
     assert steps[victim_step]["status"] == "corrupt"
     assert "crc32c differs" in steps[victim_step]["problems"][0]
     assert steps[STEPS]["status"] == "complete" and steps[4]["status"] == "complete"
-    if not k["committed_at_kill"]:
-        assert steps[k["killed_step"]]["status"] == "incomplete"
+    if not k["committed_at_kill"]:  # the killed save, set aside; the rerun's save of the step
+        by_name = {Path(r["path"]).name: r["status"] for r in
+                   json.loads(proc.stdout)["runs"][0]["steps"] if r["step"] == k["killed_step"]}
+        assert sorted(by_name.values()) == ["complete", "incomplete"], by_name
+        assert by_name[str(k["killed_step"])] == "complete"
     table = _cli(["pingllm/cli/inspect_checkpoints.py", f"gs://{BUCKET}/flip"])
     assert "Corrupt" in table.stdout and "Complete" in table.stdout, table.stdout
     detail = _cli(["pingllm/cli/inspect_checkpoints.py", f"gs://{BUCKET}/flip/gcs2", "--step",
@@ -150,9 +164,9 @@ def test_inspector_tells_complete_incomplete_and_corrupt_apart_on_the_bucket(kil
     # Orbax's own finalization rule agrees with the inspector on every step.
     from orbax.checkpoint._src.path import step as step_lib
 
-    for n, row in steps.items():
+    for row in json.loads(proc.stdout)["runs"][0]["steps"]:
         finalized = step_lib.is_path_finalized(epath.Path(row["path"]))
-        assert finalized == (row["status"] != "incomplete"), (n, row["status"])
+        assert finalized == (row["status"] != "incomplete"), (row["path"], row["status"])
 
 
 @pytest.mark.slow
@@ -302,15 +316,32 @@ def test_in_process_save_retention_incomplete_and_corrupt_on_the_bucket(gcs_emul
     result = ckpt.restore(abstract_state(mesh), it)
     assert (result.step, result.source, it.step) == (2, "persistent", 2)
     assert mismatches(result.state, 2) == []
+    unfinished = gcs_emulator.objects(BUCKET, "inproc/checkpoints/5/")
     with caplog.at_level(logging.WARNING, logger="pingllm.checkpoint.manager"):
-        assert ckpt.maybe_save(5, make_state(5, mesh), StepIterator(5)) is False
-    assert "not overwriting" in caplog.text
+        # The killed save's step is saved again: its objects are moved aside, not overwritten.
+        assert ckpt.maybe_save(5, make_state(5, mesh), StepIterator(5))
+    assert "an unfinished save of an earlier run (kept)" in caplog.text
     for step in (6, 7):
         assert ckpt.maybe_save(step, make_state(step, mesh), StepIterator(step))
+    # A committed step is never overwritten.
+    with caplog.at_level(logging.WARNING, logger="pingllm.checkpoint.manager"):
+        assert ckpt.maybe_save(6, make_state(-6, mesh), StepIterator(-6)) is False
+    assert "not overwriting" in caplog.text
     ckpt.close()
-    # The corrupt step is pinned, the unfinished one kept; retention removed step 2 only.
-    assert [(i.step, i.status) for i in fmt.list_steps(root)] == [
+    # The corrupt step is pinned, the unfinished one kept (aside, every object, same sizes);
+    # retention removed step 2 then 5 (3 pinned; keep 2: 6 and 7).
+    listed = [(i.step, i.status, i.path.name) for i in fmt.list_steps(root)]
+    aside = next(name for step, status, name in listed if status == "incomplete")
+    assert aside.startswith("5.orbax-checkpoint-tmp-unfinished-")
+    assert [(s, st) for s, st, _ in listed] == [
         (3, "corrupt"), (5, "incomplete"), (6, "complete"), (7, "complete")]
+    moved = gcs_emulator.objects(BUCKET, f"inproc/checkpoints/{aside}/")
+    assert {n.split(aside + "/", 1)[1]: size for n, size in moved.items()} == {
+        n.split("checkpoints/5/", 1)[1]: size for n, size in unfinished.items()}
+    again = ck.Checkpointer(cfg, run)
+    result = again.restore(abstract_state(mesh), StepIterator(-1))
+    again.close()
+    assert result.step == 7 and mismatches(result.state, 7) == []
     # LOAD_FULL_STATE_PATH / LOAD_PARAMETERS_PATH on the bucket start a new (local) run.
     for field, source in (("load_full_state_path", "load_full_state"),
                           ("load_parameters_path", "load_parameters")):

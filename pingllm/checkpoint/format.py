@@ -36,6 +36,7 @@ ITER_ITEM = "iter"
 # Orbax writes these (step level) after the last moment we can hook (commit timestamp, commit
 # marker), so they are checked for presence/parse but not checksummed.
 _UNCHECKSUMMED_NAMES = frozenset({METADATA_FILE, COMMIT_FILE, CHECKSUM_FILE})
+TMP_MARKER = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories: <step><marker>-<id>
 TMP_RE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 _CHUNK = 8 << 20
 

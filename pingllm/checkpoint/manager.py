@@ -199,6 +199,10 @@ def _any_process(flag: bool) -> bool:
     return bool(_allgather_ints([int(flag)], 1).max() > 0)
 
 
+def _all_processes(flag: bool) -> bool:
+    return bool(_allgather_ints([int(flag)], 1).min() > 0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Retention.
 
@@ -243,7 +247,8 @@ def _remove_stale_tmp_directories(directory: epath.Path) -> None:
     `<step>.orbax-checkpoint-tmp-*` in the background when a save of the same step started and
     cleared it too: under load the two rmtree calls raced and the save failed with ENOENT.
     On a bucket nothing is removed: an unfinished `<step>/` (no commit_success.txt) cannot be
-    told apart from a save still running elsewhere; it is never restored, and kept.
+    told apart from a save still running elsewhere; it is never restored, and kept (moved
+    aside by `_Tier._set_aside_unfinished` only when this run saves that step itself).
     """
     if storage.is_remote(directory) or not directory.is_dir():
         return
@@ -319,8 +324,11 @@ class _Tier:
             return
         written = time.time()
         # Local disk: the temporary directory; a bucket: the final one (no rename there).
-        tmp = sorted(self.directory.glob(f"{pending.step}.orbax-checkpoint-tmp*"))
-        step_dir = tmp[0] if tmp else fmt.step_path(self.directory, pending.step)
+        step_dir = fmt.step_path(self.directory, pending.step)
+        if not storage.is_remote(step_dir):  # (a bucket's `<step>.orbax-checkpoint-tmp-*` is
+            # an unfinished save set aside, never this one)
+            tmp = sorted(self.directory.glob(f"{pending.step}{fmt.TMP_MARKER}*"))
+            step_dir = tmp[0] if tmp else step_dir
         if self.verify_checksums:
             extra = {"step": pending.step, "tier": self.name,
                      "process_count": jax.process_count()}
@@ -335,16 +343,40 @@ class _Tier:
 
     def step_exists(self, step: int) -> bool:
         # A decision every process must share: otherwise the save barriers would diverge.
-        # On a bucket an unfinished `<step>/` of a killed run counts too: it is kept, not
-        # overwritten (Orbax would delete it), and this save is skipped with a warning.
         return _any_process(fmt.step_exists(self.directory, step))
+
+    def _set_aside_unfinished(self, step: int) -> bool:
+        """Moves a bucket's uncommitted `<step>/` (a killed save) out of this save's way.
+
+        It becomes `<step>.orbax-checkpoint-tmp-unfinished-<unix time>`: kept, listed as
+        Incomplete, never restored; without the move the run could never save this step again
+        (a rerun of a run killed in its final save would end without its completion save).
+        False (and nothing moved) for a committed step, or on local disk, where only the atomic
+        rename gives a step its final name.
+        """
+        step_dir = fmt.step_path(self.directory, step)
+        unfinished = storage.is_remote(step_dir) and not fmt.is_committed(
+            step_dir, fmt.listing(step_dir))
+        if not _all_processes(unfinished):
+            return False
+        if jax.process_index() == 0:
+            aside = self.directory / f"{step}{fmt.TMP_MARKER}-unfinished-{int(time.time())}"
+            log.warning("moving %s aside to %s: an unfinished save of an earlier run (kept)",
+                        step_dir, aside)
+            fs, path = storage.filesystem(step_dir)
+            # Copy then delete (a bucket has no rename); listings cached by any client go stale.
+            fs.copy(path, storage.filesystem(aside)[1], recursive=True)
+            fs.rm(path, recursive=True)
+        _any_process(False)  # every process waits for the move
+        storage.forget_cached_listings(storage.filesystem(step_dir)[0])
+        return True
 
     def save(self, step: int, state: Any, iterator: Any, layout: str | None) -> bool:
         t0 = time.perf_counter()
         self.finish()
         if step == self._last_saved:  # e.g. the completion save right after a period save
             return False
-        if self.step_exists(step):
+        if self.step_exists(step) and not self._set_aside_unfinished(step):
             log.warning("checkpoint %s already exists: not overwriting it, skipping this save",
                         self.directory / str(step))
             return False

@@ -37,6 +37,12 @@ def filesystem(path: os.PathLike | str):
     return fsspec.core.url_to_fs(os.fspath(path))
 
 
+def forget_cached_listings(fs) -> None:
+    """Drops the listings every client of `fs`'s kind has cached (epath keeps one of its own)."""
+    for instance in list(getattr(type(fs), "_cache", {}).values()) + [fs]:
+        instance.invalidate_cache()
+
+
 def check_writable(path: os.PathLike | str, *, timeout: float = 20.0) -> None:
     """Raises StorageError naming `path` unless its bucket exists and is readable, within timeout.
 
