@@ -185,8 +185,8 @@ def test_other_file_formats_and_misnamed_configs_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_tfds_build_command_on_the_local_runner(tmp_path, manual_dir, repo_root):
-    """The documented `tfds build` command (the builder module by path, Beam options) writes
-    what the single-process build writes."""
+    """The documented `tfds build` command (the builder registered by importing its module,
+    Beam options), in another process, writes what the single-process build writes."""
     manual = tmp_path / "manual"
     manual.mkdir()
     for f in manual_dir.glob("*.bz2"):
@@ -195,7 +195,7 @@ def test_tfds_build_command_on_the_local_runner(tmp_path, manual_dir, repo_root)
         "tfds")
     assert tfds_cli, "the tfds command (tensorflow-datasets, with mlcroissant) is not installed"
     out = subprocess.run(
-        [tfds_cli, "build", str(repo_root / "pingllm" / "data" / "tfds_builder.py"),
+        [tfds_cli, "build", "ripe_atlas_ping", "--imports", "pingllm.data.tfds_builder",
          "--config", "manual", "--manual_dir", str(manual), "--data_dir", str(tmp_path / "cli"),
          "--beam_pipeline_options=runner=FnApiRunner,direct_num_workers=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -192,7 +192,11 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
         return epath.Path(__file__)
 
     def _example_writer(self):
-        return CanonicalExampleWriter(file_format=self.info.file_format)
+        # From the package even when `tfds build path/to/tfds_builder.py` loaded this file as
+        # another module: Beam workers unpickle the writer by its module's name.
+        from pingllm.data.tfds_builder import CanonicalExampleWriter as writer
+
+        return writer(file_format=self.info.file_format)
 
     def _info(self) -> tfds.core.DatasetInfo:
         # A builder outside the tfds catalog has no metadata files:
@@ -261,7 +265,7 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
 
         self.import_summary = beam_build.summary_from_metrics(pipeline_result)
         absl_logging.info("imported %d rows through Beam:\n%s", self.import_summary.kept,
-                  self.import_summary.format())
+                          self.import_summary.format())
 
     def _manual_buckets(self, manual_dir) -> list[Path]:
         """Import the files once, streamed, into MANUAL_BUCKETS Parquet files by source address.
@@ -292,7 +296,7 @@ class RipeAtlasPing(tfds.core.GeneratorBasedBuilder):
             for w in writers:
                 w.close()
         absl_logging.info("imported %d rows from %d files into %d buckets:\n%s", summary.kept,
-                  len(paths), MANUAL_BUCKETS, summary.format())
+                          len(paths), MANUAL_BUCKETS, summary.format())
         self.import_summary = summary
         return files
 
@@ -328,8 +332,10 @@ class CanonicalExampleWriter(tfds.core.writer.ExampleWriter):
     """
 
     def write(self, path, examples):
-        return super().write(path, ((key, tf_example_pb2.Example.FromString(raw).SerializeToString(
-            deterministic=True)) for key, raw in examples))
+        def canonical(raw: bytes) -> bytes:
+            return tf_example_pb2.Example.FromString(raw).SerializeToString(deterministic=True)
+
+        return super().write(path, ((key, canonical(raw)) for key, raw in examples))
 
 
 def keyed_records(recs: Iterable[dict[str, np.ndarray]]) -> Iterator[tuple[str, dict]]:
