@@ -51,12 +51,18 @@ class _Stats:
         self.counts = dict.fromkeys(_EVENTS.values(), 0)
         self.read_errors: list[str] = []
         self._lock = threading.Lock()
+        self._thread = threading.local()  # events fire in the compiling thread
 
     def on_event(self, event: str, **kwargs) -> None:
         name = _EVENTS.get(event)
         if name:
             with self._lock:
                 self.counts[name] += 1
+            setattr(self._thread, name, getattr(self._thread, name, 0) + 1)
+
+    def hits_in_this_thread(self) -> int:
+        """Programs this thread has loaded from the cache so far."""
+        return getattr(self._thread, "hits", 0)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

@@ -55,42 +55,74 @@ def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
 class Writer:
     """Scalars, texts and images to `<run_dir>/tensorboard` (process 0) and the log.
 
-    CLU's TensorBoard writer imports TensorFlow (~5 s of CPU). Process 0 creates it on a
-    background thread, so the import overlaps data preparation, restore and compilation, and
-    the first write waits for it; the other processes only log scalars and never import it.
+    CLU's TensorBoard writer imports TensorFlow (~5 s of CPU, most of it holding the GIL).
+    Process 0 starts that import on a background thread at the first write - after the first
+    step, so that it does not slow start-up - and queues writes until the writer exists;
+    `flush` and `close` wait for it. The other processes only log scalars and never import it.
     """
 
     def __init__(self, run_dir: str):
         self.is_lead = jax.process_index() == 0
-        logdir = os.path.join(run_dir, "tensorboard")
+        self._logdir = os.path.join(run_dir, "tensorboard")
         self._writer = None if self.is_lead else _LogWriter()
         self._pending = None
-        if self.is_lead:
-            pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tb_writer")
-            self._pending = pool.submit(_tensorboard_writer, logdir)
-            pool.shutdown(wait=False)
+        self._queued: list[tuple[str, int, dict]] = []
+
+    def _ready(self, wait: bool):
+        """The writer, once created (None while the import runs and `wait` is False)."""
+        if self._writer is None:
+            if self._pending is None:
+                _check_creatable(self._logdir)  # a bad directory fails at the first write
+                pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tb_writer")
+                self._pending = pool.submit(_tensorboard_writer, self._logdir)
+                pool.shutdown(wait=False)
+            if not wait and not self._pending.done():
+                return None
+            self._writer = self._pending.result()  # re-raises an import or creation error
+        for method, step, values in self._queued:
+            getattr(self._writer, method)(step, values)
+        self._queued.clear()
+        return self._writer
+
+    def _write(self, method: str, step: int, values: dict) -> None:
+        writer = self._ready(wait=False)
+        if writer is None:
+            self._queued.append((method, step, values))
+        else:
+            getattr(writer, method)(step, values)
 
     @property
     def writer(self):
-        if self._writer is None:
-            self._writer = self._pending.result()  # re-raises an import or creation error
-        return self._writer
+        return self._ready(wait=True)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
-        self.writer.write_scalars(int(step), clean)
+        self._write("write_scalars", int(step), clean)
 
     def texts(self, step: int, values: Mapping[str, str]) -> None:
-        self.writer.write_texts(int(step), dict(values))
+        self._write("write_texts", int(step), dict(values))
 
     def images(self, step: int, values: Mapping[str, np.ndarray]) -> None:
-        self.writer.write_images(int(step), dict(values))
+        self._write("write_images", int(step), dict(values))
 
     def flush(self) -> None:
         self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _check_creatable(logdir: str) -> None:
+    """Raises NotADirectoryError naming a file that stands where a parent directory must be."""
+    if "://" in logdir:
+        return
+    path = os.path.abspath(logdir)
+    while path != os.path.dirname(path):
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise NotADirectoryError(f"{path} is not a directory")
+            return
+        path = os.path.dirname(path)
 
 
 def _tensorboard_writer(logdir: str):

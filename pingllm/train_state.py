@@ -7,7 +7,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from pingllm import partitioning
 from pingllm.model import ModelConfig, Transformer, dummy_inputs
@@ -77,6 +77,28 @@ def abstract_train_state(
     return abstract, shardings
 
 
+def describe_abstract(abstract: TrainState) -> tuple[Any, list[tuple]]:
+    """The abstract state as plain data (structure, and shape, dtype, spec per leaf): picklable."""
+    leaves, treedef = jax.tree.flatten(abstract)
+    return treedef, [(tuple(x.shape), x.dtype, x.sharding.spec) for x in leaves]
+
+
+def abstract_from_description(description, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """`abstract_train_state`'s pair rebuilt on `mesh` from `describe_abstract`, without tracing."""
+    treedef, leaves = description
+    shardings = [NamedSharding(mesh, spec) for _, _, spec in leaves]
+    abstract = [jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+                for (shape, dtype, _), s in zip(leaves, shardings, strict=True)]
+    return treedef.unflatten(abstract), treedef.unflatten(shardings)
+
+
+def init_program(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                 shardings: TrainState, seed: int = 0, *, ema: bool = False):
+    """The jitted no-argument init that creates the state directly in `shardings`."""
+    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed, ema)
+    return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)
+
+
 def init_train_state(
     model_cfg: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -88,5 +110,4 @@ def init_train_state(
 ) -> TrainState:
     """A fresh state created directly in its shards by one jitted init."""
     _, shardings = abstract_train_state(model_cfg, optimizer, mesh, rules, seed, ema=ema)
-    boxed_init = _boxed_init_fn(model_cfg, optimizer, seed, ema)
-    return jax.jit(lambda: nn.meta.unbox(boxed_init()), out_shardings=shardings)()
+    return init_program(model_cfg, optimizer, shardings, seed, ema=ema)()

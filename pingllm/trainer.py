@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from etils import epath
 
 from pingllm import compilation_cache, partitioning, preemption
 from pingllm import config as config_lib
+from pingllm import executable_cache as executable_cache_lib
 from pingllm import metrics as metrics_lib
 from pingllm import model as model_lib
 from pingllm import optimizer as optimizer_lib
@@ -46,6 +48,8 @@ class Setup:
     train_step: Callable
     eval_step: Callable
     compiled_eval: Any = None  # eval_step compiled at the first evaluation
+    # Start-up programs loaded whole on a restart (executable_cache.py); None: always built.
+    executables: executable_cache_lib.ExecutableCache | None = None
 
 
 def _write_config(run_dir: epath.Path) -> None:
@@ -66,8 +70,13 @@ def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
         ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
 
 
-def build(cfg: config_lib.Config) -> Setup:
-    """Mesh, abstract sharded state and the jitted steps."""
+def build(cfg: config_lib.Config,
+          executables: executable_cache_lib.ExecutableCache | None = None) -> Setup:
+    """Mesh, abstract sharded state and the jitted steps.
+
+    With `executables`, the abstract state comes from its entry when there is one (no trace of
+    the model's init).
+    """
     if cfg.data.windows_per_row > 1 and model_lib.attention_implementation(cfg.model) == "cudnn":
         # cuDNN attention here masks by row length: it cannot keep packed windows apart.
         raise config_lib.ConfigError(
@@ -76,9 +85,20 @@ def build(cfg: config_lib.Config) -> Setup:
     mesh = partitioning.make_mesh(cfg.mesh)
     rules = cfg.mesh.logical_axis_rules
     tx, schedule = optimizer_lib.make_optimizer(cfg.optimizer)
-    abstract_state, shardings = state_lib.abstract_train_state(
-        cfg.model, tx, mesh, rules, seed=cfg.run.seed, ema=cfg.optimizer.ema_decay > 0
-    )
+    ema = cfg.optimizer.ema_decay > 0
+
+    def trace_abstract_state():
+        return state_lib.abstract_train_state(cfg.model, tx, mesh, rules, seed=cfg.run.seed,
+                                              ema=ema)
+
+    if executables is None:
+        abstract_state, shardings = trace_abstract_state()
+    else:
+        abstract_state, shardings = executables.value(
+            "abstract_state", (cfg.model, cfg.optimizer, cfg.mesh, cfg.run.seed),
+            trace_abstract_state,
+            encode=lambda built: state_lib.describe_abstract(built[0]),
+            decode=lambda d: state_lib.abstract_from_description(d, mesh))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
         cfg.model, tx, schedule, shardings, batch_sharding, mesh, rules,
@@ -87,7 +107,8 @@ def build(cfg: config_lib.Config) -> Setup:
         rtt_sigma=cfg.optimizer.rtt_label_sigma,
     )
     eval_step = step_lib.make_eval_step(cfg.model, shardings.params, batch_sharding, mesh, rules)
-    return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step)
+    return Setup(mesh, rules, tx, abstract_state, shardings, train_step, eval_step,
+                 executables=executables)
 
 
 def global_batch(setup: Setup, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -127,6 +148,7 @@ def train(cfg: config_lib.Config) -> int:
     run_dir = epath.Path(cfg.run.run_dir)
     _write_config(run_dir)
     compilation_cache.enable(cfg.run)
+    executables = _executable_cache()
     stop_cfg = cfg.stop
     if jax.process_count() == 1:  # no collective to amortise: look at the flag every step
         stop_cfg = dataclasses.replace(stop_cfg, check_every_steps=1)
@@ -134,7 +156,7 @@ def train(cfg: config_lib.Config) -> int:
     writer = metrics_lib.Writer(_tensorboard_parent(run_dir))
     with preemption.StopSignal(stop_cfg) as stop:
         try:
-            return _train(cfg, run_dir, stop, writer, started, data_prepare_s)
+            return _train(cfg, run_dir, stop, writer, started, data_prepare_s, executables)
         finally:
             writer.close()
             _sync_tensorboard(run_dir)
@@ -143,9 +165,9 @@ def train(cfg: config_lib.Config) -> int:
 def _prepare_data(cfg) -> float:
     """Builds the dataset if missing (process 0; the others wait); returns the seconds taken.
 
-    Runs before metrics.Writer starts importing TensorFlow on its thread: tfds checks whether
-    TensorFlow is in sys.modules and then waits for an import in progress to finish, which made
-    this phase take the whole import (5-12 s on 2 cores) instead of 0.02 s.
+    Runs before metrics.Writer imports TensorFlow (now at its first write, after the first
+    step): tfds checks whether TensorFlow is in sys.modules and then waits for an import in
+    progress to finish, which made this phase take the whole import (5-12 s on 2 cores).
     """
     t = time.perf_counter()
     if jax.process_index() == 0:
@@ -154,8 +176,21 @@ def _prepare_data(cfg) -> float:
     return time.perf_counter() - t
 
 
-def _train(cfg, run_dir, stop, writer, started, data_prepare_s) -> int:
-    setup = build(cfg)
+def _executable_cache() -> executable_cache_lib.ExecutableCache:
+    """Beside the compilation cache in use (off with it, with several processes, and with
+    $PINGLLM_EXECUTABLE_CACHE=0)."""
+    reason = ""
+    if os.environ.get(executable_cache_lib.ENV_SWITCH, "1") == "0":
+        reason = f"${executable_cache_lib.ENV_SWITCH}=0"
+    elif jax.process_count() > 1:
+        reason = ("several processes: not verified that every process loads the same entry; the "
+                  "compilation cache still serves them")
+    return executable_cache_lib.ExecutableCache(compilation_cache.cache_dir_in_use(),
+                                                disabled_reason=reason)
+
+
+def _train(cfg, run_dir, stop, writer, started, data_prepare_s, executables) -> int:
+    setup = build(cfg, executables)
     # From the abstract state build() made: model_lib.param_count would trace the model again.
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
     logging.info("model: %s parameters (%.1fM)", f"{n_params:,}", n_params / 1e6)
@@ -197,9 +232,12 @@ def _leaf_fingerprints(tree) -> list[jax.Array]:
     return [_leaf_fingerprint(x) for x in jax.tree.leaves(tree)]
 
 
-def _fingerprint_program(tree):
+def _fingerprint_program(tree, executables=None):
     """tree_fingerprint's program for `tree` (arrays, or abstract ones of the same shardings)."""
-    return jax.jit(_leaf_fingerprints).lower(tree).compile()
+    lower = lambda: jax.jit(_leaf_fingerprints).lower(tree)
+    if executables is None:
+        return lower().compile()
+    return executables.compiled("fingerprint", executable_cache_lib.spec(tree), lower)
 
 
 def _precompile_for_resume(setup: Setup) -> None:
@@ -210,17 +248,18 @@ def _precompile_for_resume(setup: Setup) -> None:
     so a short run's exit waits for it.
     """
     if jax.process_index() == 0 and compilation_cache.cache_dir_in_use():
-        threading.Thread(target=_fingerprint_program, args=(setup.abstract_state.params,),
+        threading.Thread(target=_fingerprint_program,
+                         args=(setup.abstract_state.params, setup.executables),
                          name="precompile_for_resume").start()
 
 
-def tree_fingerprint(tree) -> str:
+def tree_fingerprint(tree, executables=None) -> str:
     """16 hex digits naming the exact bits of every leaf (same value on any mesh or host count).
 
     Logged after a restore so a test (or a person) can check the restored parameters against the
     checkpoint on disk; tests/resume_helpers.py recomputes it with NumPy.
     """
-    compiled = _fingerprint_program(tree)
+    compiled = _fingerprint_program(tree, executables)
     wait_for_all_processes("pingllm_fingerprint_compiled")
     per_leaf = compiled(tree)
     words = np.asarray([int(v) for v in jax.device_get(per_leaf)], dtype="<u4")
@@ -258,7 +297,8 @@ def _initial_state(cfg, setup, checkpointer, iterator):
         logging.warning("skipped checkpoint %s (left on disk): %s", path, problem)
     if restored.state is not None:
         logging.info("restored step %d from the %s tier; params fingerprint %s",
-                     int(restored.step), restored.source, tree_fingerprint(restored.state.params))
+                     int(restored.step), restored.source,
+                     tree_fingerprint(restored.state.params, setup.executables))
         return restored.state, restored
     if restored.params is not None:
         logging.info("starting from parameters of %s (step 0, fresh optimizer); params "
@@ -266,11 +306,13 @@ def _initial_state(cfg, setup, checkpointer, iterator):
                      tree_fingerprint(restored.params))
         return _state_from_params(setup, restored.params), restored
     logging.info("no checkpoint: initialising a fresh, sharded train state")
-    state = state_lib.init_train_state(
-        cfg.model, setup.optimizer, setup.mesh, setup.rules, seed=cfg.run.seed,
-        ema=cfg.optimizer.ema_decay > 0,
-    )
-    return state, restored
+    init = state_lib.init_program(cfg.model, setup.optimizer, setup.state_shardings,
+                                  seed=cfg.run.seed, ema=cfg.optimizer.ema_decay > 0)
+    if setup.executables is None:
+        return init(), restored
+    parts = (cfg.model, cfg.optimizer, cfg.mesh, cfg.run.seed,
+             executable_cache_lib.spec(setup.abstract_state))
+    return setup.executables.compiled("init", parts, init.lower)(), restored
 
 
 # TensorBoard on gs://: TensorFlow's writer cannot reach an emulator or a private endpoint, so its
@@ -354,20 +396,26 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
                  process_index, process_count, process_index * rows, (process_index + 1) * rows,
                  batch_digest(local_batch))
     # Made on the mesh by jit: device_put cannot target other processes' devices.
-    dropout_key = jax.jit(
+    dropout_key = _program(setup, "dropout_key", cfg.run.seed, jax.jit(
         lambda: jax.random.key(cfg.run.seed + 1),
         out_shardings=partitioning.replicated(setup.mesh),
-    )()
+    ).lower)()
     t = time.perf_counter()
     # Lowered from the abstract state: a fresh and a restored state then share one compiled
     # program (and one persistent-cache entry; concrete arrays carry layouts into the key).
-    train_step = setup.train_step.lower(setup.abstract_state, batch, dropout_key).compile()
+    spec = executable_cache_lib.spec
+    train_step = _program(
+        setup, "train_step",
+        (cfg.model, cfg.optimizer, cfg.mesh, spec(setup.abstract_state), spec(batch),
+         spec(dropout_key)),
+        lambda: setup.train_step.lower(setup.abstract_state, batch, dropout_key))
     wait_for_all_processes("pingllm_train_step_compiled")
     compile_s = time.perf_counter() - t
 
     tokens_per_step = cfg.data.global_batch_size * cfg.model.max_target_length
-    flops_per_step = None  # after the first step: flops_per_token traces the model (~1 s)
-    peak = metrics_lib.peak_flops_per_device(cfg.run.peak_flops_per_device) * jax.device_count()
+    # After the first step: flops_per_token traces the model (~1 s), and on CPU the peak is a
+    # measured matmul (a compile and 0.3 s of running).
+    flops_per_step = peak = None
     window = _Window(step)
     first = True
     reason = None
@@ -382,18 +430,23 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
             first = False
             jax.block_until_ready(state)
             ttfs = time.time() - started
-            flops_per_step = model_lib.flops_per_token(cfg.model) * tokens_per_step
             logging.info(
                 "time to first step %.2fs (data %.2fs, restore %.2fs, first batch %.2fs, "
                 "compile %.2fs); steps lost since the last save: %d",
                 ttfs, data_prepare_s, restore_s, first_batch_s, compile_s, steps_lost,
             )
+            flops_per_step = model_lib.flops_per_token(cfg.model) * tokens_per_step
+            peak = (metrics_lib.peak_flops_per_device(cfg.run.peak_flops_per_device)
+                    * jax.device_count())
             cache = compilation_cache.report(compilation_cache.cache_dir(cfg.run))
+            loaded = setup.executables.report()
             if restored.state is None:
                 _precompile_for_resume(setup)
             writer.scalars(step, {
                 "startup/programs_from_compilation_cache": cache["hits"],
                 "startup/programs_compiled": cache["compiled"],
+                "startup/programs_from_executable_cache": loaded["loaded"],
+                "startup/programs_traced": loaded["built"],
                 "startup/time_to_first_step_s": ttfs, "startup/restore_s": restore_s,
                 "startup/compile_s": compile_s, "startup/first_batch_s": first_batch_s,
                 "startup/data_prepare_s": data_prepare_s,
@@ -442,6 +495,13 @@ def _loop(cfg, setup, checkpointer, stop, writer, started, data_prepare_s) -> in
         return EXIT_DONE
     logging.warning("saved step %d; exit %d: run the same command to resume", step, EXIT_STOPPED)
     return EXIT_STOPPED
+
+
+def _program(setup: Setup, name: str, parts, lower: Callable):
+    """`lower().compile()`, through the setup's executable cache when it has one."""
+    if setup.executables is None:
+        return lower().compile()
+    return setup.executables.compiled(name, parts, lower)
 
 
 def _write_save_metrics(writer, checkpointer) -> None:

@@ -35,15 +35,21 @@ _COUNTS = re.compile(r"compilation cache: (\d+) programs, (\d+) loaded from the 
 _LOSS = re.compile(r"step (\d+)/\d+ \(.*?\) loss=(\S+)")
 
 
-def _start(base: Path, run_name: str, steps: int) -> dict:
-    """One CLI run with the default cache location; its counts, losses and log."""
+def _start(base: Path, run_name: str, steps: int, extra: tuple[str, ...] = (),
+           executables: bool = False) -> dict:
+    """One CLI run with the default cache location; its counts, losses and log.
+
+    The executable cache (tests/test_executable_cache.py) is off unless `executables`: with it,
+    a restart asks the compilation cache for (almost) nothing.
+    """
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PINGLLM_EXECUTABLE_CACHE="1" if executables else "0")
     for var in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
         env.pop(var, None)  # the suite's shared cache: this test needs the run's own default
     bindings = [*TINY, f'BASE_OUTPUT_DIRECTORY = "{base}"', f'RUN_NAME = "{run_name}"',
-                f"STEPS = {steps}"]
+                f"STEPS = {steps}", *extra]
     args = [sys.executable, "-m", "pingllm.main", "--gin_file=gin/quickstart.gin",
             *(f"--gin_bindings={b}" for b in bindings)]
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
