@@ -12,7 +12,8 @@ resumed, MaxText resumed, so slow drift in the machine's load hits both alike. B
 launched by this script and measured the same way:
 
 * fresh run: a new run directory and an emptied persistent compilation cache on both sides
-  (pingllm's default <base_output_directory>/.jax_cache; MaxText's jax_cache_dir, which its
+  (pingllm's default <base_output_directory>/.jax_cache, its executable cache of serialized
+  start-up programs, .jax_cache/executables, with it; MaxText's jax_cache_dir, which its
   decoupled config leaves "", set to a directory of its own, with the same zero thresholds
   through JAX's environment variables, so that MaxText caches its small programs too).
   --no_cache runs both without a cache (pingllm ENABLE_COMPILATION_CACHE=False).
@@ -221,6 +222,9 @@ def run_pingllm(size: dict, args, tag: str, resume: int = 0) -> dict:
     cache = re.search(r"compilation cache: (\d+) programs, (\d+) loaded from the cache", text)
     if first and cache:
         first.update(programs=int(cache[1]), from_cache=int(cache[2]))
+    exe = re.search(r"executable cache: (\d+) loaded .*?, (\d+) traced and compiled", text)
+    if first and exe:
+        first.update(exe_loaded=int(exe[1]), exe_traced=int(exe[2]))
     return dict(m, who="pingllm", tag=tag, log=log_path, first=first, steps_logged=len(steps),
                 tok_s_median=st.median(per_step) if per_step else None,
                 tok_s_span=span_tokens_per_s(steps, tokens))
@@ -402,7 +406,9 @@ def main() -> None:
                               f"first batch {f['first_batch']:.2f}, compile {f['compile']:.2f}; "
                               f"interpreter + imports + build {f['ttfs'] - f['own_ttfs']:.2f} s; "
                               f"programs from the cache {f.get('from_cache', 'n/a')} of "
-                              f"{f.get('programs', 'n/a')}", flush=True)
+                              f"{f.get('programs', 'n/a')}; executable cache: "
+                              f"{f.get('exe_loaded', 'n/a')} loaded, "
+                              f"{f.get('exe_traced', 'n/a')} traced", flush=True)
             if args.step_only_steps > 0:
                 so = run_step_only(SIZES[s], args, args.step_only_steps)
                 step_only[s].append(so)
