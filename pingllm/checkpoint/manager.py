@@ -324,9 +324,10 @@ class _Tier:
             return
         written = time.time()
         # Local disk: the temporary directory; a bucket: the final one (no rename there).
+        # On a bucket a `<step>.orbax-checkpoint-tmp-*` is an unfinished save set aside, never
+        # this one.
         step_dir = fmt.step_path(self.directory, pending.step)
-        if not storage.is_remote(step_dir):  # (a bucket's `<step>.orbax-checkpoint-tmp-*` is
-            # an unfinished save set aside, never this one)
+        if not storage.is_remote(step_dir):
             tmp = sorted(self.directory.glob(f"{pending.step}{fmt.TMP_MARKER}*"))
             step_dir = tmp[0] if tmp else step_dir
         if self.verify_checksums:
