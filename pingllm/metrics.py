@@ -1,8 +1,7 @@
-"""Metrics out: CLU writers to TensorBoard (process 0), throughput and MFU accounting."""
+"""Metrics out: TensorBoard events (process 0) and the log, throughput and MFU accounting."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import time
 from collections.abc import Mapping
@@ -55,61 +54,45 @@ def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
 class Writer:
     """Scalars, texts and images to `<run_dir>/tensorboard` (process 0) and the log.
 
-    CLU's TensorBoard writer imports TensorFlow (~5 s of CPU, most of it holding the GIL).
-    Process 0 starts that import on a background thread at the first write - after the first
-    step, so that it does not slow start-up - and queues writes until the writer exists;
-    `flush` and `close` wait for it. The other processes only log scalars and never import it.
+    Process 0 writes TensorBoard event files with `event_files.EventFileWriter` (no
+    TensorFlow: its import cost ~10 s of CPU at every start), created at the first write so
+    that a bad directory fails there; every process logs scalars as CLU's LoggingWriter does.
     """
 
     def __init__(self, run_dir: str):
         self.is_lead = jax.process_index() == 0
         self._logdir = os.path.join(run_dir, "tensorboard")
-        self._writer = None if self.is_lead else _LogWriter()
-        self._pending = None
-        self._queued: list[tuple[str, int, dict]] = []
+        self._events = None
 
-    def _ready(self, wait: bool):
-        """The writer, once created (None while the import runs and `wait` is False)."""
-        if self._writer is None:
-            if self._pending is None:
-                _check_creatable(self._logdir)  # a bad directory fails at the first write
-                pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tb_writer")
-                self._pending = pool.submit(_tensorboard_writer, self._logdir)
-                pool.shutdown(wait=False)
-            if not wait and not self._pending.done():
-                return None
-            self._writer = self._pending.result()  # re-raises an import or creation error
-        for method, step, values in self._queued:
-            getattr(self._writer, method)(step, values)
-        self._queued.clear()
-        return self._writer
+    def _file(self):
+        if self._events is None and self.is_lead:
+            from pingllm import event_files
 
-    def _write(self, method: str, step: int, values: dict) -> None:
-        writer = self._ready(wait=False)
-        if writer is None:
-            self._queued.append((method, step, values))
-        else:
-            getattr(writer, method)(step, values)
-
-    @property
-    def writer(self):
-        return self._ready(wait=True)
+            _check_creatable(self._logdir)
+            self._events = event_files.EventFileWriter(self._logdir)
+        return self._events
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and np.isfinite(v)}
-        self._write("write_scalars", int(step), clean)
+        logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in sorted(clean.items())))
+        if self.is_lead:
+            self._file().write_scalars(int(step), clean)
 
     def texts(self, step: int, values: Mapping[str, str]) -> None:
-        self._write("write_texts", int(step), dict(values))
+        if self.is_lead:
+            self._file().write_texts(int(step), dict(values))
 
     def images(self, step: int, values: Mapping[str, np.ndarray]) -> None:
-        self._write("write_images", int(step), dict(values))
+        if self.is_lead and values:
+            self._file().write_images(int(step), dict(values))
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._events is not None:
+            self._events.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._events is not None:
+            self._events.close()
 
 
 def _check_creatable(logdir: str) -> None:
@@ -123,32 +106,6 @@ def _check_creatable(logdir: str) -> None:
                 raise NotADirectoryError(f"{path} is not a directory")
             return
         path = os.path.dirname(path)
-
-
-def _tensorboard_writer(logdir: str):
-    from clu import metric_writers  # imports TensorFlow
-
-    return metric_writers.create_default_writer(logdir, asynchronous=True)
-
-
-class _LogWriter:
-    """What CLU's LoggingWriter logs (scalars as `[step] k=v, ...`), without TensorFlow."""
-
-    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        shown = ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items()))
-        logging.info("[%d] %s", step, shown)
-
-    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        pass
-
-    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def format_duration(seconds: float) -> str:

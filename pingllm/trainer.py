@@ -152,7 +152,7 @@ def train(cfg: config_lib.Config) -> int:
     stop_cfg = cfg.stop
     if jax.process_count() == 1:  # no collective to amortise: look at the flag every step
         stop_cfg = dataclasses.replace(stop_cfg, check_every_steps=1)
-    data_prepare_s = _prepare_data(cfg)  # before the writer's TensorFlow import: see there
+    data_prepare_s = _prepare_data(cfg)
     writer = metrics_lib.Writer(_tensorboard_parent(run_dir))
     with preemption.StopSignal(stop_cfg) as stop:
         try:
@@ -163,12 +163,7 @@ def train(cfg: config_lib.Config) -> int:
 
 
 def _prepare_data(cfg) -> float:
-    """Builds the dataset if missing (process 0; the others wait); returns the seconds taken.
-
-    Runs before metrics.Writer imports TensorFlow (now at its first write, after the first
-    step): tfds checks whether TensorFlow is in sys.modules and then waits for an import in
-    progress to finish, which made this phase take the whole import (5-12 s on 2 cores).
-    """
+    """Builds the dataset if missing (process 0; the others wait); returns the seconds taken."""
     t = time.perf_counter()
     if jax.process_index() == 0:
         pipeline.prepare(cfg.data)
@@ -315,7 +310,7 @@ def _initial_state(cfg, setup, checkpointer, iterator):
     return setup.executables.compiled("init", parts, init.lower)(), restored
 
 
-# TensorBoard on gs://: TensorFlow's writer cannot reach an emulator or a private endpoint, so its
+# TensorBoard on gs://: an event file grows by appends, which an object cannot take, so the
 # events go to a local mirror directory and are copied up (storage.Mirror) at every log period
 # and at exit. See docs/object_storage.md.
 _TB_MIRRORS: dict[str, storage.Mirror] = {}

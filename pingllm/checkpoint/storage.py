@@ -82,8 +82,8 @@ def check_writable(path: os.PathLike | str, *, timeout: float = 20.0) -> None:
 
 
 def local_mirror(remote_dir: os.PathLike | str) -> str:
-    """A local directory standing in for a gs:// directory (TensorBoard events are written here
-    by TensorFlow's writer, whose GCS client cannot be redirected, and copied up by Mirror)."""
+    """A local directory standing in for a gs:// directory (TensorBoard event files, which grow
+    by appends, are written here and copied up by Mirror)."""
     import tempfile
 
     text = os.fspath(remote_dir)

@@ -84,8 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pingllm.eval import plots
 
         run_dir, _ = predict_lib.resolve_checkpoint(args.checkpoint)
-        # matplotlib and TensorFlow's event writer write local files: on gs:// they go to a
-        # local mirror of the run directory and are copied up.
+        # matplotlib and the event writer write local files: on gs:// they go to a local
+        # mirror of the run directory and are copied up.
         local = storage.local_mirror(run_dir) if storage.is_remote(run_dir) else str(run_dir)
         written = plots.write_eval_plots(local, step, out)
         if local != str(run_dir):
